@@ -1,0 +1,166 @@
+"""The built-in default model, so that the first command works with nothing downloaded.
+
+Until trained miniature weights ship with the package (`builtin/data/`), the default is a tiny
+Stable-Diffusion-1.5-architecture model with *random* weights, built in code from a fixed seed
+on first use and cached: it exercises every code path (CLIP, UNet, VAE, motion module), but its
+animations are coloured noise, not pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+BUILD_VERSION = "random-v1"
+SEED = 0
+WORDS = (
+    "a an the on in of and with moving growing shrinking turning zoom pan left right up down "
+    "red green blue yellow white black orange purple circle square triangle star background "
+    "small big fast slow best quality worst low bad"
+).split()
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    base: Path
+    motion_module: Path
+    trained: bool
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ANIMATEDIFF_CACHE") or Path.home() / ".cache" / "animatediff"
+    return Path(root) / f"builtin-{BUILD_VERSION}"
+
+
+def builtin_model() -> BuiltinModel:
+    """Paths of the default model: the shipped trained one if present, else the random one."""
+    if (PACKAGE_DATA / "base" / "model_index.json").exists():
+        return BuiltinModel(PACKAGE_DATA / "base", PACKAGE_DATA / "motion_module.safetensors", True)
+    target = cache_dir()
+    if not (target / "motion_module.safetensors").exists():
+        _build_atomically(target)
+    return BuiltinModel(target / "base", target / "motion_module.safetensors", False)
+
+
+def _build_atomically(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        build_random_model(tmp)
+        if target.exists():  # built meanwhile by another process
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _byte_chars() -> list[str]:
+    """CLIP's byte-level alphabet: printable bytes as themselves, the rest shifted past 255."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = (b for b in range(256) if b not in printable)
+    shifted = {b: 256 + i for i, b in enumerate(extra)}
+    return [chr(b) if b in printable else chr(shifted[b]) for b in range(256)]
+
+
+def write_word_tokenizer(folder: Path, words: tuple[str, ...] = WORDS) -> None:
+    """A CLIP BPE tokenizer whose merges spell out `words`; other text falls back to characters."""
+    chars = _byte_chars()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            current = current + piece
+            if merge not in merges:
+                merges.append(merge)
+                vocab.append(current)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(dict.fromkeys(vocab))})
+    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+                "tokenizer_class": "CLIPTokenizer",
+            }
+        )
+    )
+
+
+def build_random_model(folder: Path) -> None:
+    """A tiny SD1.5-architecture model folder plus a v3-layout motion module, seeded."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ..checkpoints.motion import save_motion_module
+    from ..motion import MotionModuleConfig, MotionModules
+    from ..pipeline.schedulers import ANIMATEDIFF_SCHEDULE
+
+    torch.manual_seed(SEED)
+    base = folder / "base"
+    write_word_tokenizer(base / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=1,
+    )
+    CLIPTextModel(text_config).save_pretrained(base / "text_encoder")
+    channels = (32, 64, 64, 64)
+    UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=channels,
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        down_block_types=(
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ).save_pretrained(base / "unet")
+    AutoencoderKL(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    ).save_pretrained(base / "vae")
+    DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(base / "scheduler")
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    config = MotionModuleConfig.preset("v3", block_out_channels=channels, zero_init=False)
+    motion = MotionModules(config)
+    with torch.no_grad():  # small random outputs so the motion modules visibly act
+        for _, module in motion.named_temporal_modules():
+            module.temporal_transformer.proj_out.weight.mul_(0.1)
+    save_motion_module(motion, folder / "motion_module.safetensors")

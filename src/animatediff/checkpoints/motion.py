@@ -1,0 +1,256 @@
+"""Motion-module files: detect layout and version, load strictly, export both layouts.
+
+Layouts:
+- original (the released `.ckpt` files and their `.safetensors` repacks):
+  `down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q.weight`,
+  optionally with `...attention_blocks.N.pos_encoder.pe` buffers;
+- diffusers (`MotionAdapter` folders or files):
+  `down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.weight`, `norm1/2/3`,
+  `transformer_blocks.N.pos_embed.pe`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..motion.config import VERSIONS, MotionModuleConfig
+from ..motion.module import MotionModules, sinusoidal_encoding
+from .io import CheckpointError, check_keys, load_state_dict, read_metadata, save_state_dict
+from .lora import motion_path_from_diffusers
+
+CONFIG_METADATA_KEY = "animatediff.motion_config"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_PE = re.compile(r"\.(pos_encoder|pos_embed)\.pe$")
+_NORM_KEY = re.compile(
+    r"^(down_blocks|up_blocks)\.(\d+)\.motion_modules\.(\d+)\.temporal_transformer\.norm\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class MotionCheckpoint:
+    """A motion-module file read into memory, in the original layout, `pe` buffers dropped."""
+
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    config: MotionModuleConfig
+    layout: str  # "original" | "diffusers"
+    version_source: str  # how the version was decided, for `inspect` and warnings
+    stored_pe_length: int | None
+
+
+def is_motion_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(".motion_modules." in k for k in sd) and not any(
+        k.endswith("_lora.down.weight") for k in sd
+    )
+
+
+def read_motion_checkpoint(path: str | Path, version: str | None = None) -> MotionCheckpoint:
+    """Read any supported motion-module file; `version` overrides detection."""
+    path = Path(path)
+    file, diffusers_config = _resolve(path)
+    sd = load_state_dict(file)
+    metadata = read_metadata(file)
+    if not is_motion_state_dict(sd):
+        raise CheckpointError(file, "not a motion module (no `motion_modules` keys)")
+    layout = "diffusers" if any(".attn1." in k for k in sd) else "original"
+    pe_length = _pe_length(sd)
+    sd = {motion_path_from_diffusers(k): v for k, v in sd.items() if not _PE.search(k)}
+    config, source = _config(file, sd, metadata, diffusers_config, pe_length, version)
+    return MotionCheckpoint(str(file), sd, config, layout, source, pe_length)
+
+
+def load_motion_module(
+    path: str | Path, version: str | None = None, dtype: torch.dtype | None = None
+) -> MotionModules:
+    """A `MotionModules` with the file's weights, loaded strictly."""
+    ckpt = read_motion_checkpoint(path, version)
+    return build_motion_module(ckpt, dtype)
+
+
+def build_motion_module(ckpt: MotionCheckpoint, dtype: torch.dtype | None = None) -> MotionModules:
+    module = MotionModules(ckpt.config)
+    check_keys(
+        ckpt.path, module.state_dict(), ckpt.state_dict, f"a motion module {ckpt.config.version}"
+    )
+    module.load_state_dict(ckpt.state_dict, strict=True)
+    return module.to(dtype) if dtype is not None else module
+
+
+def _resolve(path: Path) -> tuple[Path, dict | None]:
+    """A diffusers folder -> its weights file and config.json."""
+    if not path.is_dir():
+        config = path.parent / "config.json"
+        return path, _read_json(
+            config
+        ) if path.name in DIFFUSERS_WEIGHTS and config.exists() else None
+    for name in DIFFUSERS_WEIGHTS:
+        if (path / name).exists():
+            config = path / "config.json"
+            return path / name, _read_json(config) if config.exists() else None
+    raise CheckpointError(path, f"folder has no {' or '.join(DIFFUSERS_WEIGHTS)}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(path, f"unreadable config ({e})") from e
+
+
+def _pe_length(sd: Mapping[str, torch.Tensor]) -> int | None:
+    lengths = {v.shape[-2] for k, v in sd.items() if _PE.search(k) and v.ndim >= 2}
+    return max(lengths) if lengths else None
+
+
+def _config(
+    file, sd, metadata, diffusers_config, pe_length, version
+) -> tuple[MotionModuleConfig, str]:
+    if CONFIG_METADATA_KEY in metadata:
+        config = MotionModuleConfig.from_json(metadata[CONFIG_METADATA_KEY])
+        source = "stored config"
+    else:
+        config, source = _config_from_keys(file, sd, diffusers_config, pe_length)
+    if version is not None:
+        if version not in VERSIONS:
+            raise ValueError(
+                f"unknown motion module version {version!r}; expected one of {VERSIONS}"
+            )
+        preset = MotionModuleConfig.preset(version)
+        config = config.replace(
+            version=version, groupnorm_across_frames=preset.groupnorm_across_frames
+        )
+        source = "given"
+    if config.mid_block != any(k.startswith("mid_block.") for k in sd):
+        raise CheckpointError(
+            file,
+            f"version {config.version} {'needs' if config.mid_block else 'has no'} a mid-block module",
+        )
+    return config, source
+
+
+def _config_from_keys(file, sd, diffusers_config, pe_length) -> tuple[MotionModuleConfig, str]:
+    channels: dict[int, int] = {}
+    per_block: dict[tuple[str, int], int] = {}
+    for key, value in sd.items():
+        if m := _NORM_KEY.match(key):
+            kind, block, index = m.group(1), int(m.group(2)), int(m.group(3))
+            if kind == "down_blocks":
+                channels[block] = value.shape[0]
+            per_block[(kind, block)] = max(per_block.get((kind, block), 0), index + 1)
+    if not channels:
+        raise CheckpointError(file, "no down-block motion modules found")
+    block_out = tuple(channels[i] for i in sorted(channels))
+    layers = per_block[("down_blocks", 0)]
+    n_transformer = 1 + max(
+        int(m.group(1)) for k in sd if (m := re.search(r"\.transformer_blocks\.(\d+)\.", k))
+    )
+    n_attention = 1 + max(
+        int(m.group(1)) for k in sd if (m := re.search(r"\.attention_blocks\.(\d+)\.", k))
+    )
+    has_mid = any(k.startswith("mid_block.") for k in sd)
+    heads = 8
+    if diffusers_config:
+        h = diffusers_config.get("motion_num_attention_heads", 8)
+        heads = h[0] if isinstance(h, list) else h
+        pe_length = pe_length or diffusers_config.get("motion_max_seq_length")
+    version, source = _guess_version(file, sd, has_mid, pe_length)
+    preset = MotionModuleConfig.preset(version)
+    config = preset.replace(
+        block_out_channels=block_out,
+        layers_per_block=layers,
+        num_transformer_blocks=n_transformer,
+        attention_block_types=("Temporal_Self",) * n_attention,
+        num_attention_heads=heads,
+        max_frames=pe_length or preset.max_frames,
+    )
+    return config, source
+
+
+def _guess_version(file: Path, sd, has_mid: bool, pe_length: int | None) -> tuple[str, str]:
+    """v2 has a mid-block module; v1 and v3 share their keys, so tell them apart by the stored
+    positional-encoding length (24 in v1, 32 in v3), then the file name, then the dtype (v3 was
+    released in fp16)."""
+    if has_mid:
+        return "v2", "mid-block module"
+    if pe_length == 24:
+        return "v1", "positional encoding length 24"
+    if pe_length is not None and pe_length >= 32:
+        return "v3", f"positional encoding length {pe_length}"
+    name = file.name.lower() if file.name not in DIFFUSERS_WEIGHTS else file.parent.name.lower()
+    if "v3" in name:
+        return "v3", "file name"
+    if re.search(r"v1|v14|v15(?!_v2)", name):
+        return "v1", "file name"
+    if next(iter(sd.values())).dtype == torch.float16:
+        return "v3", "fp16 weights (guessed; pass version= to be sure)"
+    return "v1", "no distinguishing feature (guessed; pass version= to be sure)"
+
+
+# -- export ------------------------------------------------------------------------------------
+def to_diffusers_layout(sd: Mapping[str, torch.Tensor], config: MotionModuleConfig) -> dict:
+    """Original keys -> diffusers `MotionAdapter` keys, with the `pe` buffers it expects."""
+    out = {}
+    for key, value in sd.items():
+        new = key.replace(".temporal_transformer.", ".")
+        for diff, orig in (
+            (".norm1.", ".norms.0."),
+            (".norm2.", ".norms.1."),
+            (".norm3.", ".ff_norm."),
+            (".attn1.", ".attention_blocks.0."),
+            (".attn2.", ".attention_blocks.1."),
+        ):
+            new = new.replace(orig, diff)
+        out[new] = value
+        if new.endswith(".norm1.weight"):
+            pe = sinusoidal_encoding(config.max_frames, value.shape[0], dtype=value.dtype)
+            out[new.replace(".norm1.weight", ".pos_embed.pe")] = pe.unsqueeze(0).clone()
+    return out
+
+
+def diffusers_adapter_config(config: MotionModuleConfig) -> dict:
+    return {
+        "_class_name": "MotionAdapter",
+        "block_out_channels": list(config.block_out_channels),
+        "motion_layers_per_block": config.layers_per_block,
+        "motion_mid_block_layers_per_block": 1,
+        "motion_num_attention_heads": config.num_attention_heads,
+        "motion_norm_num_groups": config.norm_num_groups,
+        "motion_max_seq_length": config.max_frames,
+        "use_motion_mid_block": config.mid_block,
+        "motion_transformer_layers_per_block": config.num_transformer_blocks,
+        "conv_in_channels": None,
+    }
+
+
+def save_motion_module(
+    module: MotionModules | MotionCheckpoint,
+    path: str | Path,
+    layout: str = "original",
+    overwrite: bool = True,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a motion module: `original` -> one file (.safetensors or .ckpt); `diffusers` ->
+    a folder with config.json and diffusion_pytorch_model.safetensors. The configuration is
+    stored in the safetensors metadata so the file reloads without guessing."""
+    if isinstance(module, MotionCheckpoint):
+        sd, config = module.state_dict, module.config
+    else:
+        sd, config = module.state_dict(), module.config
+    metadata = {CONFIG_METADATA_KEY: config.to_json(), **(extra_metadata or {})}
+    path = Path(path)
+    if layout == "original":
+        return save_state_dict(dict(sd), path, metadata=metadata, overwrite=overwrite)
+    if layout != "diffusers":
+        raise ValueError(f"unknown layout {layout!r}; expected 'original' or 'diffusers'")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True)")
+    path.mkdir(parents=True, exist_ok=True)
+    save_state_dict(to_diffusers_layout(sd, config), path / DIFFUSERS_WEIGHTS[0], metadata=metadata)
+    (path / "config.json").write_text(json.dumps(diffusers_adapter_config(config), indent=2))
+    return path

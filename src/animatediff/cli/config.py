@@ -1,0 +1,182 @@
+"""The official AnimateDiff prompt-config YAML (`configs/prompts/*.yaml`), read unchanged.
+
+Two shapes exist: a list of entries (v3 configs) or a mapping of named entries (v1/v2 configs).
+Each entry yields one run per motion module and per prompt; seeds pair with prompts in order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+KNOWN_KEYS = {
+    "dreambooth_path",
+    "lora_model_path",
+    "lora_alpha",
+    "motion_module",
+    "motion_module_lora_configs",
+    "adapter_lora_path",
+    "adapter_lora_scale",
+    "domain_lora_scale",
+    "inference_config",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "prompt",
+    "n_prompt",
+    "W",
+    "H",
+    "L",
+}
+# Keys of official configs for features handled elsewhere or not at all; accepted with a note.
+IGNORED_KEYS = {
+    "controlnet_path",
+    "controlnet_config",
+    "controlnet_images",
+    "controlnet_image_indexs",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Run:
+    """One generation: the models to load and the sampling settings."""
+
+    name: str
+    motion_module: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    personal: str | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    motion_loras: list[tuple[str, float]] = field(default_factory=list)
+    adapter: tuple[str, float] | None = None
+    motion_version: str | None = None
+    steps: int = 25
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    num_frames: int = 16
+
+    def model_key(self) -> tuple:
+        """Runs with the same key share a loaded pipeline."""
+        return (
+            self.motion_module,
+            self.personal,
+            tuple(self.loras),
+            tuple(self.motion_loras),
+            self.adapter,
+            self.motion_version,
+        )
+
+
+def _path(value: str | None, root: Path) -> str | None:
+    """Official configs hold paths relative to the repository they run from (the cwd); fall
+    back to the config's own folder."""
+    if not value:
+        return None
+    if Path(value).exists() or Path(value).is_absolute():
+        return value
+    beside = root / value
+    return str(beside) if beside.exists() else value
+
+
+def version_from_inference_config(value: str | None, root: Path) -> str | None:
+    """inference-v1.yaml -> "v1" etc.; read the file's UNet settings when it exists."""
+    if not value:
+        return None
+    path = Path(_path(value, root))
+    if path.exists():
+        kwargs = (yaml.safe_load(path.read_text()) or {}).get("unet_additional_kwargs", {})
+        if kwargs.get("motion_module_mid_block"):
+            return "v2"
+        return "v3" if kwargs.get("use_inflated_groupnorm") else "v1"
+    for version in ("v1", "v2", "v3"):
+        if version in path.stem:
+            return version
+    return None
+
+
+def _entries(data) -> list[tuple[str, dict]]:
+    if isinstance(data, list):
+        return [(f"{i}", e) for i, e in enumerate(data)]
+    if isinstance(data, dict):
+        return [(str(name), e) for name, e in data.items()]
+    raise ConfigError("a prompt config is a list of entries (or a mapping of named entries)")
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def load_runs(path: str | Path, base_seed: int | None = None) -> list[Run]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    runs = []
+    for name, entry in _entries(data):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: entry {name} is not a mapping")
+        runs += _entry_runs(name, entry, path.parent, path)
+    return runs
+
+
+def _entry_runs(name: str, e: dict, root: Path, path: Path) -> list[Run]:
+    unknown = set(e) - KNOWN_KEYS - IGNORED_KEYS
+    if unknown:
+        warnings.warn(
+            f"{path}: entry {name}: ignoring unknown keys {sorted(unknown)}", stacklevel=2
+        )
+    if set(e) & IGNORED_KEYS:
+        warnings.warn(
+            f"{path}: entry {name}: ControlNet keys are not used by `generate --config`",
+            stacklevel=2,
+        )
+    for key in ("motion_module", "prompt"):
+        if key not in e:
+            raise ConfigError(f"{path}: entry {name} has no '{key}'")
+    prompts = _as_list(e["prompt"])
+    negatives = _as_list(e.get("n_prompt") or [""])
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    seeds = _as_list(e.get("seed", -1))
+    lora = _path(e.get("lora_model_path"), root)
+    adapter = _path(e.get("adapter_lora_path"), root)
+    scale = e.get("adapter_lora_scale", e.get("domain_lora_scale", 1.0))
+    common = dict(
+        personal=_path(e.get("dreambooth_path"), root),
+        loras=[(lora, float(e.get("lora_alpha", 0.8)))] if lora else [],
+        motion_loras=[
+            (_path(c["path"], root), float(c.get("alpha", 1.0)))
+            for c in e.get("motion_module_lora_configs") or []
+        ],
+        adapter=(adapter, float(scale)) if adapter else None,
+        motion_version=version_from_inference_config(e.get("inference_config"), root),
+        steps=int(e.get("steps", 25)),
+        guidance_scale=float(e.get("guidance_scale", 7.5)),
+        width=int(e.get("W", 512)),
+        height=int(e.get("H", 512)),
+        num_frames=int(e.get("L", 16)),
+    )
+    runs = []
+    for module in _as_list(e["motion_module"]):
+        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+            seed = int(seeds[i % len(seeds)])
+            runs.append(
+                Run(
+                    name=f"{name}-{i}",
+                    motion_module=_path(module, root),
+                    prompt=prompt,
+                    negative_prompt=negative,
+                    seed=seed,
+                    **common,
+                )
+            )
+    return runs

@@ -1,0 +1,337 @@
+"""`animatediff` command line: a thin layer over the library.
+
+User mistakes (missing files, bad sizes, unknown names, bad syntax) print one line and exit 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+class UsageError(ValueError):
+    pass
+
+
+# -- argument parsing ----------------------------------------------------------------------------
+def path_strength(text: str) -> tuple[str, float]:
+    """`PATH[:STRENGTH]`; a colon followed by a path (e.g. `C:\\x`) belongs to the path."""
+    path, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or "\\" in tail or not path:
+        return text, 1.0
+    try:
+        return path, float(tail)
+    except ValueError:
+        raise UsageError(
+            f"bad strength {tail!r} in {text!r}: use PATH[:STRENGTH], e.g. style.safetensors:0.8"
+        ) from None
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text to animation")
+    p.add_argument("prompt", nargs="?", help="the prompt (omit with --config)")
+    p.add_argument("--config", help="official AnimateDiff prompt-config YAML")
+    p.add_argument("--base", help="diffusers SD1.5 folder or hub id (default: built-in model)")
+    p.add_argument("--motion-module", help="motion module file or folder")
+    p.add_argument("--motion-version", choices=("v1", "v2", "v3"), help="override detection")
+    p.add_argument("--personal", help="single-file personalised checkpoint (.safetensors/.ckpt)")
+    p.add_argument("--vae", help="separate VAE file")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]")
+    p.add_argument("--lora-scaling", choices=("kohya", "official"), default="kohya")
+    p.add_argument("--motion-lora", action="append", default=[], metavar="PATH[:STRENGTH]")
+    p.add_argument("--adapter", metavar="PATH[:SCALE]", help="v3 domain adapter")
+    p.add_argument("--negative-prompt", "-n", default="")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, help="default: random (printed and saved)")
+    p.add_argument("--num-videos", type=int, default=1, help="videos per prompt")
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on cuda, else fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--fps", type=float, default=8)
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output file (.gif/.mp4/.webp, or a folder for PNGs); with --config, a folder",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="animatediff", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    c = sub.add_parser("convert", help="convert a motion module or a single-file checkpoint")
+    c.add_argument("input")
+    c.add_argument(
+        "output", help="file (.safetensors/.ckpt: original layout) or folder (diffusers)"
+    )
+    c.add_argument("--to", choices=("original", "diffusers"), help="default: from the output name")
+    c.add_argument("--base", help="with a single-file checkpoint: the SD1.5 folder for configs")
+    c.add_argument("--motion-version", choices=("v1", "v2", "v3"))
+    c.add_argument("--overwrite", action="store_true")
+    i = sub.add_parser("inspect", help="what a checkpoint file is")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    return parser
+
+
+# -- generate ------------------------------------------------------------------------------------
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _dtype(name: str | None, device: str):
+    import torch
+
+    name = name or ("fp16" if device.startswith("cuda") else "fp32")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _existing(path: str | None, flag: str) -> str | None:
+    if path is not None and not Path(path).exists() and not _looks_like_hub_id(path, flag):
+        raise UsageError(f"{flag}: file not found: {path}")
+    return path
+
+
+def _looks_like_hub_id(path: str, flag: str) -> bool:
+    return flag == "--base" and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+
+
+def _check_sizes(args) -> None:
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise UsageError(
+                f"--{name} {value} is not a positive multiple of 8 (try {max(8, value // 8 * 8)})"
+            )
+    if args.frames < 1 or args.steps < 1 or args.num_videos < 1:
+        raise UsageError("--frames, --steps and --num-videos must be at least 1")
+    from ..pipeline.schedulers import SCHEDULERS
+
+    if args.scheduler not in SCHEDULERS:
+        raise UsageError(
+            f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+        )
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:n].lower() or "video"
+
+
+def _load(args, run=None):
+    from ..pipeline import AnimationPipeline
+
+    device = _device(args.device)
+    adapter = path_strength(args.adapter) if args.adapter else None
+    spec = dict(
+        base=_existing(args.base, "--base"),
+        motion_module=_existing(
+            run.motion_module if run else args.motion_module, "--motion-module"
+        ),
+        personal=_existing(run.personal if run else args.personal, "--personal"),
+        vae=_existing(args.vae, "--vae"),
+        loras=run.loras if run else [path_strength(x) for x in args.lora],
+        motion_loras=run.motion_loras if run else [path_strength(x) for x in args.motion_lora],
+        adapter=run.adapter if run else adapter,
+        motion_version=(run.motion_version if run else None) or args.motion_version,
+    )
+    for flag, items in (
+        ("--lora", spec["loras"]),
+        ("--motion-lora", spec["motion_loras"]),
+        ("--adapter", [spec["adapter"]] if spec["adapter"] else []),
+    ):
+        for path, _ in items:
+            _existing(path, flag)
+    return AnimationPipeline.load(
+        **spec,
+        lora_scaling=args.lora_scaling,
+        scheduler=args.scheduler,
+        dtype=_dtype(args.dtype, device),
+        device=device,
+    )
+
+
+def _save(video, output: Path, args, sources: dict) -> list[Path]:
+    paths = video.save(output, fps=args.fps, overwrite=args.overwrite)
+    settings = {
+        **video.info,
+        "fps": args.fps,
+        "models": sources,
+        "outputs": [str(p) for p in paths],
+    }
+    meta = output.parent / f"{output.name}.json"
+    tmp = meta.with_name(f".{meta.name}.tmp")
+    tmp.write_text(json.dumps(settings, indent=2, default=str))
+    os.replace(tmp, meta)  # atomic, like the video itself
+    for p in paths:
+        print(f"saved {p}")
+    print(f"settings {meta}")
+    return paths
+
+
+def _default_output(prompt: str, seed, folder: Path = Path("outputs")) -> Path:
+    return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(prompt)}-{seed}.gif"
+
+
+def cmd_generate(args) -> None:
+    _check_sizes(args)
+    if args.config:
+        return _generate_config(args)
+    if not args.prompt:
+        raise UsageError("give a PROMPT, or --config FILE")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    output = Path(args.output) if args.output else _default_output(args.prompt, seed)
+    if output.is_dir():
+        output = _default_output(args.prompt, seed, output)
+    _check_free(output, args.overwrite)
+    pipe = _load(args)
+    video = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=seed,
+        num_videos_per_prompt=args.num_videos,
+        fps=args.fps,
+    )
+    _save(video, output, args, pipe.sources)
+
+
+def _check_free(output: Path, overwrite: bool) -> None:
+    """Fail before generating, not after: the settings file sits beside every output."""
+    settings = output.parent / f"{output.name}.json"
+    if not overwrite and (output.exists() or settings.exists()):
+        raise UsageError(f"{output} already exists; pass --overwrite to replace it")
+
+
+def _generate_config(args) -> None:
+    from .config import load_runs
+
+    runs = load_runs(args.config)
+    folder = Path(
+        args.output
+        or Path("outputs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    outputs = [folder / f"{i:03d}-{_slug(run.prompt)}.gif" for i, run in enumerate(runs)]
+    for output in outputs:
+        _check_free(output, args.overwrite)
+    pipe, key = None, None
+    for run, output in zip(runs, outputs):
+        if run.model_key() != key:
+            pipe, key = _load(args, run), run.model_key()
+        video = pipe(
+            run.prompt,
+            negative_prompt=run.negative_prompt,
+            num_frames=run.num_frames,
+            height=run.height,
+            width=run.width,
+            num_inference_steps=run.steps,
+            guidance_scale=run.guidance_scale,
+            seed=None if run.seed == -1 else run.seed,
+            fps=args.fps,
+        )
+        _save(video, output, args, pipe.sources)
+
+
+# -- convert / inspect ---------------------------------------------------------------------------
+def cmd_convert(args) -> None:
+    from ..checkpoints.detect import describe
+
+    _existing(args.input, "input")
+    layout = args.to or (
+        "original"
+        if Path(args.output).suffix in (".safetensors", ".ckpt", ".pt", ".pth")
+        else "diffusers"
+    )
+    kind = describe(args.input)["kind"]
+    if kind == "motion module":
+        from ..checkpoints.motion import read_motion_checkpoint, save_motion_module
+
+        ckpt = read_motion_checkpoint(args.input, args.motion_version)
+        out = save_motion_module(ckpt, args.output, layout=layout, overwrite=args.overwrite)
+    elif kind == "single-file SD checkpoint":
+        from ..checkpoints.base import save_diffusers_folder
+
+        if not args.base:
+            raise UsageError(
+                "converting a single-file checkpoint needs --base (an SD1.5 folder or hub id) for configs"
+            )
+        out = save_diffusers_folder(args.input, args.base, args.output, overwrite=args.overwrite)
+    else:
+        raise UsageError(f"{args.input}: cannot convert a {kind}")
+    print(f"saved {out}")
+
+
+def cmd_inspect(args) -> None:
+    from ..checkpoints.detect import describe
+
+    _existing(args.file, "file")
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f} M)"
+        print(f"{key:<{width}}  {value}")
+
+
+def _quiet_libraries() -> None:
+    """Keep the output to our own progress bar and results."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from ..checkpoints.io import CheckpointError
+
+    try:
+        COMMANDS[args.command](args)
+    except (UsageError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"animatediff: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("animatediff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

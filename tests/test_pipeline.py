@@ -1,0 +1,118 @@
+"""Sampling behaviour of AnimationPipeline on the built-in tiny model (64x64, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from animatediff import AnimationPipeline
+from animatediff.pipeline import SCHEDULERS, make_scheduler
+
+PROMPT = "a red circle moving on a blue background"
+FAST = dict(num_frames=6, num_inference_steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ANIMATEDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield AnimationPipeline.load()
+    mp.undo()
+
+
+def test_default_size_and_layout(pipe):
+    video = pipe(PROMPT, seed=0, **FAST)
+    assert pipe.default_size == 64
+    assert video.frames.shape == (1, 3, 6, 64, 64)
+    assert video.frames.dtype == torch.float32
+    assert 0 <= video.frames.min() and video.frames.max() <= 1
+    assert video.info["seed"] == 0 and video.info["prompt"] == [PROMPT]
+
+
+def test_seed_draws_official_noise_layout(pipe):
+    """A seed means: one randn of shape (b, 4, f, h/8, w/8) from a generator seeded with it."""
+    noise = torch.randn((1, 4, 6, 16, 16), generator=torch.Generator().manual_seed(7))
+    a = pipe(PROMPT, seed=7, **FAST).frames
+    b = pipe(PROMPT, latents=noise, **FAST).frames
+    c = pipe(PROMPT, seed=8, **FAST).frames
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_batch_equals_separate_runs(pipe):
+    prompts = [PROMPT, "a green square turning on a white background"]
+    latents = torch.randn((4, 4, 6, 16, 16), generator=torch.Generator().manual_seed(1))
+    batch = pipe(prompts, latents=latents, num_videos_per_prompt=2, **FAST).frames
+    assert batch.shape[0] == 4
+    for i in range(4):
+        alone = pipe(prompts[i // 2], latents=latents[i : i + 1], **FAST).frames
+        assert (batch[i] - alone[0]).abs().max() < 1e-4
+
+
+def test_decode_chunk_size_does_not_change_result(pipe):
+    latents = torch.randn((1, 4, 6, 16, 16), generator=torch.Generator().manual_seed(2))
+    a = pipe(PROMPT, latents=latents, decode_chunk_size=1, **FAST).frames
+    b = pipe(PROMPT, latents=latents, decode_chunk_size=16, **FAST).frames
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_guidance_uses_negative_prompt(pipe):
+    a = pipe(PROMPT, negative_prompt="worst quality", seed=3, **FAST).frames
+    b = pipe(PROMPT, negative_prompt="", seed=3, **FAST).frames
+    c = pipe(PROMPT, negative_prompt="worst quality", guidance_scale=1.0, seed=3, **FAST).frames
+    d = pipe(PROMPT, negative_prompt="", guidance_scale=1.0, seed=3, **FAST).frames
+    assert not torch.allclose(a, b)
+    assert torch.equal(c, d)  # no guidance: the negative prompt is unused
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs(pipe, name):
+    video = pipe(PROMPT, seed=0, scheduler=name, **FAST)
+    assert torch.isfinite(video.frames).all()
+    assert video.info["scheduler"] == name
+
+
+def test_default_schedule_is_animatediff_linear():
+    s = make_scheduler()
+    assert type(s).__name__ == "DDIMScheduler"
+    cfg = s.config
+    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("linear", 0.00085, 0.012)
+    assert cfg.steps_offset == 1 and cfg.clip_sample is False
+    s.set_timesteps(3)
+    assert s.timesteps.tolist() == [667, 334, 1]
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        make_scheduler("nope")
+
+
+def test_long_prompt_is_truncated_with_warning(pipe):
+    long_prompt = " ".join(["red circle"] * 60)
+    with pytest.warns(UserWarning, match="longer than 77"):
+        pipe(long_prompt, seed=0, num_frames=2, num_inference_steps=1, progress=False)
+
+
+def test_bad_sizes_are_rejected(pipe):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe(PROMPT, height=60, width=64, **FAST)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe(PROMPT, latents=torch.zeros(1, 4, 5, 16, 16), **FAST)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANIMATEDIFF_CACHE", str(tmp_path))
+    pipe = AnimationPipeline.load(dtype=dtype)
+    assert pipe.unet.dtype == dtype and pipe.text_encoder.dtype == dtype
+    # SD1.5's VAE overflows in fp16, so it stays in fp32 there; bf16 has the range.
+    assert pipe.vae.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    ref = AnimationPipeline.load()
+    latents = torch.randn((1, 4, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_frames=4, num_inference_steps=2, progress=False, latents=latents)
+    half, full = pipe(PROMPT, **kw).frames, ref(PROMPT, **kw).frames
+    assert torch.isfinite(half).all()
+    assert (half - full).abs().mean() < 0.05
+
+
+def test_seeded_ancestral_sampler_repeats(pipe):
+    a = pipe(PROMPT, seed=4, scheduler="euler_a", **FAST).frames
+    b = pipe(PROMPT, seed=4, scheduler="euler_a", **FAST).frames
+    assert torch.equal(a, b)
