@@ -341,6 +341,7 @@ def run_one(which: str, spec: dict, args: argparse.Namespace) -> dict:
     pipe, unet = (load_ours if which == "ours" else load_diffusers)(spec, device, dtype)
     sync()
     load_s = time.perf_counter() - t0
+    load_before = fmt_load()
 
     marks: list[float] = []
 
@@ -414,6 +415,7 @@ def run_one(which: str, spec: dict, args: argparse.Namespace) -> dict:
         memory=mem,
         video=str(video_path),
         threads=torch.get_num_threads(),
+        load_average=[load_before, fmt_load()],
     )
     pipe = unet = None  # release the models before the next pipeline (CUDA, in-process)
     gc.collect()
@@ -544,6 +546,10 @@ def report(args, spec, ours: dict, theirs: dict, cuda: bool) -> None:
     print(
         f"\nper-run seconds, ours: {[round(x['total_s'], 3) for x in ours['runs']]}; "
         f"diffusers: {[round(x['total_s'], 3) for x in theirs['runs']]}"
+    )
+    print(
+        f"load average (1/5/15 min) before -> after timing, ours: "
+        f"{' -> '.join(ours['load_average'])}; diffusers: {' -> '.join(theirs['load_average'])}"
     )
     calls = {ours["runs"][0]["unet_calls"], theirs["runs"][0]["unet_calls"]}
     if calls != {args.steps}:

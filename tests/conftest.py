@@ -3,6 +3,7 @@ that `expected.safetensors` holds the official outputs of (see that folder's REA
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,11 @@ import safetensors.torch
 import torch
 
 REF_DIR = Path(__file__).parent / "data" / "official_tiny"
+
+# The models here are tiny: one intra-op thread is nearly as fast as two on an idle machine, and
+# far faster on a busy one (OpenMP threads spin-waiting on shared cores made a pipeline run 4x
+# slower in measurements). ANIMATEDIFF_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("ANIMATEDIFF_TEST_THREADS", "1")))
 
 # The whole-pipeline settings of the reference cases (README: "Whole pipeline").
 PROMPT = "a boy playing guitar, best quality"

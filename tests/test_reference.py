@@ -87,7 +87,9 @@ def test_unet_float64_matches_exact_result(version, ref_dir, expected, unet_inpu
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_pipeline_unet_matches_official(version, ref_dir, expected, unet_inputs):
-    pipe = AnimationPipeline.load(base=ref_dir / "base", motion_module=ref_dir / f"mm_{version}.ckpt")
+    pipe = AnimationPipeline.load(
+        base=ref_dir / "base", motion_module=ref_dir / f"mm_{version}.ckpt"
+    )
     assert pipe.unet.config.version == version
     with torch.no_grad():
         out = pipe.unet(*unet_inputs)
@@ -130,20 +132,21 @@ def test_stored_pe_buffers_are_the_sinusoid(version, length, ref_dir):
 
 
 def test_frames_beyond_stored_pe_length(ref_dir, unet2d, expected):
-    """v1 stores a 24-frame encoding; 40 frames still run (the encoding is computed)."""
+    """v1 stores a 24-frame encoding; 40 frames still run (the encoding is computed).
+    (8x8 latents keep this fast; no comparison with the reference is made here.)"""
     motion = load_motion_module(ref_dir / "mm_v1.ckpt")
     assert motion.config.max_frames == 24
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 40, 16, 16, generator=g)
+    sample = torch.randn(1, 4, 40, 8, 8, generator=g)
     text = expected["unet.encoder_hidden_states"][:1]
     out = run_motion_unet(unet2d, motion, sample, 500, text)
-    assert out.shape == (1, 4, 40, 16, 16)
+    assert out.shape == (1, 4, 40, 8, 8)
     assert torch.isfinite(out).all()
     # the motion modules ran: per-frame 2D prediction of the same frames differs
     with torch.no_grad():
-        flat = sample.transpose(1, 2).reshape(40, 4, 16, 16)
+        flat = sample.transpose(1, 2).reshape(40, 4, 8, 8)
         image_only = unet2d(flat, 500, text.expand(40, -1, -1)).sample
-    image_only = image_only.view(1, 40, 4, 16, 16).transpose(1, 2)
+    image_only = image_only.view(1, 40, 4, 8, 8).transpose(1, 2)
     assert rel_err(out, image_only) > 1e-3
 
 

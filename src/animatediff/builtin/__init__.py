@@ -54,10 +54,12 @@ def _build_atomically(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         build_random_model(tmp)
-        if target.exists():  # built meanwhile by another process
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "motion_module.safetensors").exists():
+                raise
+            shutil.rmtree(tmp)  # another process built it meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

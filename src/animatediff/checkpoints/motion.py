@@ -185,7 +185,7 @@ def _guess_version(file: Path, sd, has_mid: bool, pe_length: int | None) -> tupl
     name = file.name.lower() if file.name not in DIFFUSERS_WEIGHTS else file.parent.name.lower()
     if "v3" in name:
         return "v3", "file name"
-    if re.search(r"v1|v14|v15(?!_v2)", name):
+    if re.search(r"v14|v15(?!_v2)|v1(?!\d)", name):
         return "v1", "file name"
     if next(iter(sd.values())).dtype == torch.float16:
         return "v3", "fp16 weights (guessed; pass version= to be sure)"
@@ -210,6 +210,16 @@ def to_diffusers_layout(sd: Mapping[str, torch.Tensor], config: MotionModuleConf
         if new.endswith(".norm1.weight"):
             pe = sinusoidal_encoding(config.max_frames, value.shape[0], dtype=value.dtype)
             out[new.replace(".norm1.weight", ".pos_embed.pe")] = pe.unsqueeze(0).clone()
+    return out
+
+
+def with_pe_buffers(sd: Mapping[str, torch.Tensor], config: MotionModuleConfig) -> dict:
+    out = dict(sd)
+    for key, value in sd.items():
+        m = re.match(r"(.*\.attention_blocks\.\d+)\.to_q\.weight$", key)
+        if m:
+            pe = sinusoidal_encoding(config.max_frames, value.shape[1], dtype=value.dtype)
+            out[f"{m.group(1)}.pos_encoder.pe"] = pe.unsqueeze(0).clone()
     return out
 
 
@@ -245,7 +255,11 @@ def save_motion_module(
     metadata = {CONFIG_METADATA_KEY: config.to_json(), **(extra_metadata or {})}
     path = Path(path)
     if layout == "original":
-        return save_state_dict(dict(sd), path, metadata=metadata, overwrite=overwrite)
+        if path.suffix.lower() == ".safetensors":
+            return save_state_dict(dict(sd), path, metadata=metadata, overwrite=overwrite)
+        # Pickles carry no metadata: write the `pe` buffers as the released files do, so the
+        # version (24 frames: v1, 32: v3) is recognised again on reload.
+        return save_state_dict(with_pe_buffers(sd, config), path, overwrite=overwrite)
     if layout != "diffusers":
         raise ValueError(f"unknown layout {layout!r}; expected 'original' or 'diffusers'")
     if path.exists() and not overwrite:

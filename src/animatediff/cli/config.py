@@ -60,9 +60,10 @@ class Run:
     motion_version: str | None = None
     steps: int = 25
     guidance_scale: float = 7.5
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
     num_frames: int = 16
+    num_videos: int = 1
 
     def model_key(self) -> tuple:
         """Runs with the same key share a loaded pipeline."""
@@ -93,7 +94,7 @@ def version_from_inference_config(value: str | None, root: Path) -> str | None:
         return None
     path = Path(_path(value, root))
     if path.exists():
-        kwargs = (yaml.safe_load(path.read_text()) or {}).get("unet_additional_kwargs", {})
+        kwargs = (_read_yaml(path) or {}).get("unet_additional_kwargs", {})
         if kwargs.get("motion_module_mid_block"):
             return "v2"
         return "v3" if kwargs.get("use_inflated_groupnorm") else "v1"
@@ -101,6 +102,13 @@ def version_from_inference_config(value: str | None, root: Path) -> str | None:
         if version in path.stem:
             return version
     return None
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def _entries(data) -> list[tuple[str, dict]]:
@@ -119,7 +127,7 @@ def load_runs(path: str | Path, base_seed: int | None = None) -> list[Run]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config not found: {path}")
-    data = yaml.safe_load(path.read_text())
+    data = _read_yaml(path)
     runs = []
     for name, entry in _entries(data):
         if not isinstance(entry, dict):

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import Run, load_runs
+
 EXIT_USAGE = 2
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -84,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base", help="with a single-file checkpoint: the SD1.5 folder for configs")
     c.add_argument("--motion-version", choices=("v1", "v2", "v3"))
     c.add_argument("--overwrite", action="store_true")
+    t = sub.add_parser("train", help="train a domain adapter, motion module or MotionLoRA")
+    t.add_argument("config", help="training config YAML (see README)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    t.add_argument(
+        "--encode",
+        metavar="DIR",
+        help="only pre-encode the dataset's latents into DIR (then train with data.cache: DIR)",
+    )
     i = sub.add_parser("inspect", help="what a checkpoint file is")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
@@ -139,32 +149,29 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:n].lower() or "video"
 
 
-def _load(args, run=None):
+def _load(args, run):
     from ..pipeline import AnimationPipeline
 
     device = _device(args.device)
-    adapter = path_strength(args.adapter) if args.adapter else None
-    spec = dict(
-        base=_existing(args.base, "--base"),
-        motion_module=_existing(
-            run.motion_module if run else args.motion_module, "--motion-module"
-        ),
-        personal=_existing(run.personal if run else args.personal, "--personal"),
-        vae=_existing(args.vae, "--vae"),
-        loras=run.loras if run else [path_strength(x) for x in args.lora],
-        motion_loras=run.motion_loras if run else [path_strength(x) for x in args.motion_lora],
-        adapter=run.adapter if run else adapter,
-        motion_version=(run.motion_version if run else None) or args.motion_version,
-    )
-    for flag, items in (
-        ("--lora", spec["loras"]),
-        ("--motion-lora", spec["motion_loras"]),
-        ("--adapter", [spec["adapter"]] if spec["adapter"] else []),
+    for flag, paths in (
+        ("--motion-module", [run.motion_module]),
+        ("--personal", [run.personal]),
+        ("--vae", [args.vae]),
+        ("--lora", [p for p, _ in run.loras]),
+        ("--motion-lora", [p for p, _ in run.motion_loras]),
+        ("--adapter", [run.adapter[0]] if run.adapter else []),
     ):
-        for path, _ in items:
+        for path in paths:
             _existing(path, flag)
     return AnimationPipeline.load(
-        **spec,
+        base=_existing(args.base, "--base"),
+        motion_module=run.motion_module,
+        personal=run.personal,
+        vae=args.vae,
+        loras=run.loras,
+        motion_loras=run.motion_loras,
+        adapter=run.adapter,
+        motion_version=run.motion_version or args.motion_version,
         lora_scaling=args.lora_scaling,
         scheduler=args.scheduler,
         dtype=_dtype(args.dtype, device),
@@ -194,54 +201,46 @@ def _default_output(prompt: str, seed, folder: Path = Path("outputs")) -> Path:
     return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(prompt)}-{seed}.gif"
 
 
+def _run_from_args(args) -> Run:
+    return Run(
+        name="cli",
+        motion_module=args.motion_module,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
+        personal=args.personal,
+        loras=[path_strength(x) for x in args.lora],
+        motion_loras=[path_strength(x) for x in args.motion_lora],
+        adapter=path_strength(args.adapter) if args.adapter else None,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        width=args.width,
+        height=args.height,
+        num_frames=args.frames,
+        num_videos=args.num_videos,
+    )
+
+
 def cmd_generate(args) -> None:
     _check_sizes(args)
     if args.config:
-        return _generate_config(args)
-    if not args.prompt:
+        runs = load_runs(args.config)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder = Path(args.output or Path("outputs") / f"{Path(args.config).stem}-{stamp}")
+        outputs = [folder / f"{i:03d}-{_slug(run.prompt)}.gif" for i, run in enumerate(runs)]
+    elif args.prompt:
+        runs = [_run_from_args(args)]
+        output = Path(args.output) if args.output else _default_output(args.prompt, runs[0].seed)
+        if output.is_dir():
+            output = _default_output(args.prompt, runs[0].seed, output)
+        outputs = [output]
+    else:
         raise UsageError("give a PROMPT, or --config FILE")
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    output = Path(args.output) if args.output else _default_output(args.prompt, seed)
-    if output.is_dir():
-        output = _default_output(args.prompt, seed, output)
-    _check_free(output, args.overwrite)
-    pipe = _load(args)
-    video = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_frames=args.frames,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        seed=seed,
-        num_videos_per_prompt=args.num_videos,
-        fps=args.fps,
-    )
-    _save(video, output, args, pipe.sources)
-
-
-def _check_free(output: Path, overwrite: bool) -> None:
-    """Fail before generating, not after: the settings file sits beside every output."""
-    settings = output.parent / f"{output.name}.json"
-    if not overwrite and (output.exists() or settings.exists()):
-        raise UsageError(f"{output} already exists; pass --overwrite to replace it")
-
-
-def _generate_config(args) -> None:
-    from .config import load_runs
-
-    runs = load_runs(args.config)
-    folder = Path(
-        args.output
-        or Path("outputs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    outputs = [folder / f"{i:03d}-{_slug(run.prompt)}.gif" for i, run in enumerate(runs)]
     for output in outputs:
         _check_free(output, args.overwrite)
     pipe, key = None, None
     for run, output in zip(runs, outputs):
-        if run.model_key() != key:
+        if run.model_key() != key:  # consecutive runs on the same models share the pipeline
             pipe, key = _load(args, run), run.model_key()
         video = pipe(
             run.prompt,
@@ -252,9 +251,17 @@ def _generate_config(args) -> None:
             num_inference_steps=run.steps,
             guidance_scale=run.guidance_scale,
             seed=None if run.seed == -1 else run.seed,
+            num_videos_per_prompt=run.num_videos,
             fps=args.fps,
         )
         _save(video, output, args, pipe.sources)
+
+
+def _check_free(output: Path, overwrite: bool) -> None:
+    """Fail before generating, not after: the settings file sits beside every output."""
+    settings = output.parent / f"{output.name}.json"
+    if not overwrite and (output.exists() or settings.exists()):
+        raise UsageError(f"{output} already exists; pass --overwrite to replace it")
 
 
 # -- convert / inspect ---------------------------------------------------------------------------
@@ -302,22 +309,36 @@ def cmd_inspect(args) -> None:
 
 
 def _quiet_libraries() -> None:
-    """Keep the output to our own progress bar and results."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
+    """Keep the output to our own progress bar and results (set before they are imported)."""
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "inspect": cmd_inspect}
+def cmd_train(args) -> None:
+    from ..training import load_config, train
+
+    if args.encode:
+        from ..training.encode import encode_dataset
+
+        count = encode_dataset(load_config(args.config), args.encode, device=_device("auto"))
+        print(f"encoded {count} clips into {args.encode}")
+        return
+    for path in train(args.config, resume=args.resume):
+        print(f"saved {path}")
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "convert": cmd_convert,
+    "inspect": cmd_inspect,
+    "train": cmd_train,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     _quiet_libraries()
+    args = build_parser().parse_args(argv)
     from ..checkpoints.io import CheckpointError
 
     try:
@@ -327,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"animatediff: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except KeyboardInterrupt:
         print("animatediff: interrupted", file=sys.stderr)
         return 130

@@ -32,7 +32,8 @@ def _sinusoid(num_frames: int, dim: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def sinusoidal_encoding(num_frames: int, dim: int, device=None, dtype=None) -> torch.Tensor:
-    """(num_frames, dim) encoding: sin on even channels, cos on odd ones (as released)."""
+    """(num_frames, dim) encoding: sin on even channels, cos on odd ones (as released).
+    Cached per device and dtype: treat the result as read-only."""
     return _sinusoid(num_frames, dim).to(device=device, dtype=dtype)
 
 
@@ -128,7 +129,9 @@ class TemporalTransformer(nn.Module):
         for block in self.transformer_blocks:
             x = block(x)
         x = self.proj_out(x)
-        x = x.view(b, h * w, num_frames, c).permute(0, 2, 3, 1).reshape(bf, c, h, w)
+        # contiguous: a channels-last-strided result would reach the next GroupNorm, whose CPU
+        # backward kernel for that layout crashes in some PyTorch versions.
+        x = x.view(b, h * w, num_frames, c).permute(0, 2, 3, 1).reshape(bf, c, h, w).contiguous()
         return x + residual
 
 

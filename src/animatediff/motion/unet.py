@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 from torch import nn
 
@@ -53,6 +54,7 @@ class MotionUNet(nn.Module):
         self.unet = unet
         self.motion = motion
         self.motion_scale: float | torch.Tensor = 1.0
+        self.gradient_checkpointing = False  # recompute motion modules in backward (training)
         self._num_frames: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._check_layout()
@@ -138,7 +140,10 @@ class MotionUNet(nn.Module):
         return hook
 
     def _run_motion(self, module: TemporalModule, x: torch.Tensor) -> torch.Tensor:
-        out = module(x, self._num_frames)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(module, x, self._num_frames, use_reentrant=False)
+        else:
+            out = module(x, self._num_frames)
         scale = self.motion_scale
         if isinstance(scale, float | int) and scale == 1:
             return out
@@ -151,7 +156,7 @@ class MotionUNet(nn.Module):
         if self._num_frames is None:
             return None
         x = args[0]
-        return (_unfold(x, self._num_frames),)
+        return (_unfold(x, self._num_frames).contiguous(),)
 
     def _gn_post(self, norm, args, output):
         if self._num_frames is None:

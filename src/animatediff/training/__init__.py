@@ -1,0 +1,22 @@
+"""The three-stage AnimateDiff training recipe (domain adapter, motion module, MotionLoRA) and
+image fine-tuning, on Hugging Face Accelerate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import STAGES, Config, ConfigError, load_config, parse_config
+from .trainer import Trainer
+
+
+def train(config: Config | dict | str | Path, resume: bool = False) -> list[Path]:
+    """Run a training config (a `Config`, a dict as in the YAML, or a YAML path); returns the
+    files written (motion module, MotionLoRA, adapter or UNet)."""
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = parse_config(config)
+    return Trainer(config, resume=resume).fit()
+
+
+__all__ = ["STAGES", "Config", "ConfigError", "Trainer", "load_config", "parse_config", "train"]

@@ -1,0 +1,34 @@
+"""Pre-encode a dataset once: each clip's VAE posterior (mean and std) in its own file, so that
+training reads latents instead of decoding and encoding video at every step. The clip (start,
+flip) is fixed at encoding time; the posterior is still sampled afresh at every step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoints.base import load_base
+from ..checkpoints.io import save_state_dict
+from .config import Config
+from .data import VideoClips, find_clips
+
+
+@torch.no_grad()
+def encode_dataset(config: Config, folder: str | Path, device: str = "cpu") -> int:
+    """Write `folder/000000.safetensors`, ...; returns the number of clips written."""
+    from ..builtin import builtin_model
+
+    vae = load_base(config.base or builtin_model().base).vae.to(device).eval()
+    frames = config.data.num_frames if config.stage in ("motion", "motion_lora") else 1
+    dataset = VideoClips(find_clips(config.data), config.data, frames, config.train.seed)
+    folder = Path(folder)
+    for i in tqdm(range(len(dataset)), desc="encoding"):
+        sample = dataset[i]
+        pixels = sample["pixels"].to(device)  # (3, f, H, W)
+        dist = vae.encode(pixels.transpose(0, 1)).latent_dist  # frames as a batch
+        mean, std = (t.transpose(0, 1).contiguous().cpu() for t in (dist.mean, dist.std))
+        save_state_dict({"mean": mean, "std": std}, folder / f"{i:06d}.safetensors",
+                        metadata={"caption": sample["caption"]})
+    return len(dataset)

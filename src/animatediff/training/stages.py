@@ -1,0 +1,132 @@
+"""What each training stage trains, on top of the frozen image model.
+
+A stage builds a `TrainModel`: one module holding the frozen parts and the trainable ones, whose
+forward is the noise prediction, so that data-parallel wrappers see every trainable parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoints.adapters import attention_lora_pairs
+from ..checkpoints.base import ImageModel
+from ..checkpoints.io import save_state_dict
+from ..checkpoints.lora import to_official_layout
+from ..checkpoints.motion import load_motion_module, save_motion_module
+from ..lora import LoRASet, merge_lora
+from ..motion import MotionModuleConfig, MotionModules, MotionUNet
+from .config import Config, ConfigError
+
+SPATIAL_ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+MOTION_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def spatial_attention_targets(unet: nn.Module) -> list[str]:
+    """q/k/v/out of every attn1 and attn2 in the image UNet (the domain adapter's layers)."""
+    return [n for n, _ in unet.named_modules() if n.endswith(SPATIAL_ATTENTION) and ".attentions." in n]
+
+
+def motion_attention_targets(motion: MotionModules) -> list[str]:
+    return [n for n, _ in motion.named_modules()
+            if ".attention_blocks." in n and n.endswith(MOTION_ATTENTION)]
+
+
+class TrainModel(nn.Module):
+    """Frozen image model + the stage's trainable part; forward = noise prediction."""
+
+    def __init__(self, config: Config, image: ImageModel):
+        super().__init__()
+        self.stage = config.stage
+        self.unet2d = image.unet
+        self.unet2d.requires_grad_(False)
+        self.motion: MotionModules | None = None
+        self.lora: LoRASet | None = None
+        self.video = config.stage in ("motion", "motion_lora")
+        if config.adapter and config.stage in ("motion", "motion_lora"):
+            merge_lora(self.unet2d, attention_lora_pairs(self.unet2d, config.adapter, "domain adapter"),
+                       config.adapter_scale)
+        getattr(self, f"_build_{config.stage}")(config)
+        self.motion_unet = MotionUNet(self.unet2d, self.motion) if self.video else None
+
+    def _build_adapter(self, config: Config) -> None:
+        targets = spatial_attention_targets(self.unet2d)
+        self.lora = LoRASet.create(self.unet2d, targets, config.train.rank).attach(self.unet2d)
+
+    def _build_image_finetune(self, config: Config) -> None:
+        self.unet2d.requires_grad_(True)
+
+    def _build_motion(self, config: Config) -> None:
+        frames = config.data.num_frames
+        if config.motion_module:
+            self.motion = load_motion_module(config.motion_module)
+            limit = config.motion_module_config.get("max_frames", self.motion.config.max_frames)
+            if frames > limit:
+                raise ConfigError(
+                    f"data.num_frames {frames} exceeds the {self.motion.config.max_frames} frames "
+                    f"{config.motion_module} supports; set motion_module_config.max_frames to extend it"
+                )
+            self.motion.config = self.motion.config.replace(max_frames=limit)
+        else:
+            fields = {"version": "v3", **config.motion_module_config}
+            preset = MotionModuleConfig.preset(fields.pop("version"))
+            fields.setdefault("block_out_channels", tuple(self.unet2d.config.block_out_channels))
+            fields.setdefault("layers_per_block", self.unet2d.config.layers_per_block)
+            fields.setdefault("max_frames", max(preset.max_frames, frames))
+            self.motion = MotionModules(preset.replace(**fields))
+        self.motion.requires_grad_(True)
+
+    def _build_motion_lora(self, config: Config) -> None:
+        self.motion = load_motion_module(config.motion_module)
+        self.motion.requires_grad_(False)
+        targets = motion_attention_targets(self.motion)
+        self.lora = LoRASet.create(self.motion, targets, config.train.rank).attach(self.motion)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k in self._trainable_names()}
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        if on and self.stage in ("adapter", "image_finetune"):
+            self.unet2d.enable_gradient_checkpointing()
+        if self.motion_unet is not None:
+            self.motion_unet.gradient_checkpointing = on
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """noisy (b, c, f, h, w) for video stages, (b, c, h, w) for image stages."""
+        if self.video:
+            return self.motion_unet(noisy, t, text)
+        return self.unet2d(noisy, t, text, return_dict=False)[0]
+
+    # -- results -------------------------------------------------------------------------------
+    def save_results(self, folder: Path, config: Config, step: int) -> list[Path]:
+        """Write what the stage produced, in the layouts `AnimationPipeline.load` reads."""
+        meta = {"animatediff.training_config": _json(config.to_dict()), "animatediff.step": str(step)}
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.stage == "motion":
+            return [
+                save_motion_module(self.motion, folder / "motion_module.safetensors", extra_metadata=meta),
+                save_motion_module(self.motion, folder / "motion_module_diffusers", layout="diffusers",
+                                   extra_metadata=meta),
+            ]
+        if self.stage in ("motion_lora", "adapter"):
+            name = "motion_lora.safetensors" if self.stage == "motion_lora" else "domain_adapter.safetensors"
+            layout = to_official_layout(self.lora.pairs())
+            return [save_state_dict({k: v.float().cpu() for k, v in layout.items()}, folder / name,
+                                    metadata={**meta, "animatediff.rank": str(config.train.rank)})]
+        self.unet2d.save_pretrained(folder / "unet")
+        return [folder / "unet"]
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, default=str, sort_keys=True)

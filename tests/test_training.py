@@ -1,0 +1,998 @@
+"""End-to-end tests of `animatediff.training`, no mocks: every stage really trains the built-in
+tiny SD1.5-architecture model (64x64 pixels, 16x16 latents) on real MP4 clips of coloured squares.
+
+What is checked:
+- each stage (adapter, motion, motion_lora, image_finetune) lowers a *fixed* evaluation loss
+  (same batch, same noise, same timesteps before and after) and changes exactly the parameters it
+  should: the frozen parts (VAE, text encoder, image UNet, the motion module under a MotionLoRA)
+  stay bit-identical;
+- what each stage writes loads back through `load_motion_module` / `AnimationPipeline.load`, a
+  trained MotionLoRA changes the video, metrics.jsonl / loss.png / validation GIFs / TensorBoard;
+- a run interrupted with SIGINT and resumed ends with the weights of an uninterrupted run;
+- two data-parallel CPU processes with batch 1 reach the weights of one process with batch 2;
+- the three data sources (folder, WebVid CSV, WebDataset shards), skipping of bad videos,
+  determinism of samples; bad configs fail before training with one message; pre-encoding.
+
+Training runs in-process through the Python API, but in a *forked child* (`in_child`): a native
+crash (PyTorch kernels can segfault) then fails one test instead of killing the session, and
+global state (Accelerate's singleton, torch flags, RNG) never leaks between tests. The CLI tests
+run real subprocesses. The built-in model is built once per session in a temporary
+ANIMATEDIFF_CACHE.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+
+FRAMES = 4
+SIZE = 64  # pixels; the built-in VAE downsamples 4x -> 16x16 latents (the UNet needs /8)
+PROMPT = "a red square moving right"
+SUBPROCESS_TIMEOUT = 600  # seconds; generous, as other jobs may share the CPU
+
+# name, colour (RGB in [0, 1]), direction (dx, dy), frames, caption
+CLIPS = (
+    ("red_right", (1.0, 0.1, 0.1), (1, 0), 10, "a red square moving right"),
+    ("green_down", (0.1, 0.9, 0.1), (0, 1), 12, "a green square moving down"),
+    ("blue_left", (0.1, 0.2, 1.0), (-1, 0), 8, "a blue square moving left"),
+    ("yellow_up", (1.0, 0.9, 0.1), (0, -1), 11, "a yellow square moving up"),
+)
+
+
+# -- running code in a forked child -----------------------------------------------------------
+class ChildCrashed(AssertionError):
+    pass
+
+
+def in_child(fn: Callable, *args, timeout: float = SUBPROCESS_TIMEOUT, **kwargs):
+    """`fn(*args, **kwargs)` in a forked copy of this process; returns its (picklable) result or
+    re-raises its exception. A child killed by a signal (e.g. SIGSEGV) raises `ChildCrashed`."""
+    fd, result_path = tempfile.mkstemp(suffix=".pickle")
+    os.close(fd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 0
+        try:
+            try:
+                outcome = ("ok", fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+                outcome = ("error", e, traceback.format_exc())
+            with open(result_path, "wb") as f:
+                try:
+                    pickle.dump(outcome, f)
+                except Exception:  # an unpicklable exception or result
+                    f.seek(0)
+                    f.truncate()
+                    text = outcome[2] if outcome[0] == "error" else repr(outcome[1])
+                    pickle.dump(("error", RuntimeError(text), text), f)
+        except BaseException:
+            status = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise ChildCrashed(f"{fn.__name__} did not finish within {timeout} s")
+            time.sleep(0.05)
+        if os.WIFSIGNALED(status):
+            sig = signal.Signals(os.WTERMSIG(status)).name
+            raise ChildCrashed(f"{fn.__name__} crashed with {sig} (see the captured stderr)")
+        with open(result_path, "rb") as f:
+            outcome = pickle.load(f)
+    finally:
+        os.unlink(result_path)
+    if outcome[0] == "ok":
+        return outcome[1]
+    error = outcome[1]
+    if hasattr(error, "add_note"):
+        error.add_note(f"in the forked child:\n{outcome[2]}")
+    raise error
+
+
+def run_cli_main(argv: list[str]) -> tuple[int, str, str]:
+    """`animatediff.cli.main.main(argv)` in a forked child: (exit code, stdout, stderr)."""
+
+    def run() -> tuple[int, str, str]:
+        from animatediff.cli.main import main
+
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(out.fileno(), 1)  # the child's own descriptors: nothing to restore
+            os.dup2(err.fileno(), 2)
+            code = main(argv)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            out.seek(0)
+            err.seek(0)
+            return code, out.read(), err.read()
+
+    return in_child(run)
+
+
+# -- subprocesses -------------------------------------------------------------------------------
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)  # ANIMATEDIFF_CACHE is set by the session fixture
+    threads = str(torch.get_num_threads())  # the same kernels (and float sums) as in-process runs
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+    env.update(DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error")
+    env.update(extra)
+    return env
+
+
+def run_process(cmd: list[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT, **env: str):
+    return subprocess.run(
+        cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def describe(proc) -> str:
+    args = proc.args if isinstance(proc.args, str) else " ".join(map(str, proc.args))
+    return f"{args}\n(exit {proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# -- the synthetic dataset ------------------------------------------------------------------------
+def moving_square(colour, direction, frames: int, size: int = SIZE, side: int = 16) -> torch.Tensor:
+    """(3, f, size, size) in [0, 1]: a square crossing a dark background."""
+    video = torch.full((3, frames, size, size), 0.15)
+    video[2] = 0.25
+    travel = size - side
+    for f in range(frames):
+        pos = [travel // 2, travel // 2]
+        for axis, d in enumerate(direction):
+            if d:
+                along = round(travel * f / (frames - 1))
+                pos[axis] = along if d > 0 else travel - along
+        x, y = pos
+        for c in range(3):
+            video[c, f, y : y + side, x : x + side] = colour[c]
+    return video
+
+
+def write_clip(folder: Path, name: str, video: torch.Tensor, caption: str) -> Path:
+    from animatediff.video import save_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = save_video(video, folder / f"{name}.mp4", fps=8, overwrite=True)
+    (folder / f"{name}.txt").write_text(caption + "\n")
+    return path
+
+
+class Data:
+    """The session's files: `root`, the clip folders and a saved random v3 motion module."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.clips = root / "clips"  # every clip + a corrupt one + a too-short one
+        self.overfit = root / "overfit"  # two clips to overfit
+        self.mixed = root / "mixed"  # one good clip, one corrupt, one too short
+        self.empty = root / "empty"
+        self.motion_module = root / "mm_random_v3.safetensors"
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Data:
+    """Builds the built-in model once (in a temporary ANIMATEDIFF_CACHE) and writes the data."""
+    root = tmp_path_factory.mktemp("training")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ANIMATEDIFF_CACHE", str(root / "cache"))
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        patch.setenv(name, "error")
+    # Imported once here so that forked children start warm.
+    import accelerate  # noqa: F401
+    import diffusers  # noqa: F401
+
+    import animatediff.training.encode  # noqa: F401
+    import animatediff.training.trainer  # noqa: F401
+    from animatediff.builtin import builtin_model
+    from animatediff.checkpoints.motion import save_motion_module
+    from animatediff.motion import MotionModuleConfig, MotionModules
+
+    builtin_model()
+    d = Data(root)
+    gen = torch.Generator().manual_seed(0)
+    for name, colour, direction, frames, caption in CLIPS:
+        write_clip(d.clips, name, moving_square(colour, direction, frames), caption)
+    (d.clips / "corrupt.mp4").write_bytes(
+        torch.randint(0, 256, (4096,), generator=gen, dtype=torch.uint8).numpy().tobytes()
+    )
+    (d.clips / "corrupt.txt").write_text("a corrupt file")
+    write_clip(d.clips, "short", moving_square((1, 1, 1), (1, 1), 2), "a white square, too short")
+    for name in ("red_right", "green_down"):
+        for suffix in (".mp4", ".txt"):
+            d.overfit.mkdir(exist_ok=True)
+            shutil.copy(d.clips / f"{name}{suffix}", d.overfit)
+    d.mixed.mkdir()
+    for name in ("blue_left", "corrupt", "short"):
+        for suffix in (".mp4", ".txt"):
+            shutil.copy(d.clips / f"{name}{suffix}", d.mixed)
+    d.empty.mkdir()
+    (d.empty / "notes.txt").write_text("no videos here")
+
+    torch.manual_seed(1)
+    module = MotionModules(MotionModuleConfig.preset("v3", block_out_channels=(32, 64, 64, 64)))
+    with torch.no_grad():  # zero-initialised outputs would make the module (and a LoRA) inert
+        for _, m in module.named_temporal_modules():
+            m.temporal_transformer.proj_out.weight.normal_(0, 0.05)
+            m.temporal_transformer.proj_out.bias.normal_(0, 0.01)
+    save_motion_module(module, d.motion_module)
+    yield d
+    patch.undo()
+
+
+def config(
+    stage: str,
+    out: Path,
+    videos: Path,
+    *,
+    steps: int = 2,
+    batch_size: int = 1,
+    lr: float = 1e-3,
+    **extra,
+) -> dict:
+    cfg = {
+        "stage": stage,
+        "base": None,
+        "output_dir": str(out),
+        "data": {
+            "videos": str(videos),
+            "num_frames": FRAMES,
+            "sample_size": SIZE,
+            "sample_stride": 2,
+            "num_workers": 0,
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "learning_rate": lr,
+            "seed": 0,
+            "log_every": 1,
+        },
+        "checkpoint": {"every": 0},
+        "report_to": [],
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(path))
+
+
+def assert_same_tensors(a: dict, b: dict, what: str, atol: float = 0.0) -> float:
+    """Same keys; every tensor equal (atol 0: bitwise). Returns the largest difference."""
+    assert sorted(a) == sorted(b), f"{what}: different keys"
+    worst, worst_key = 0.0, None
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
+        if diff > worst:
+            worst, worst_key = diff, k
+    assert worst <= atol, f"{what}: max abs difference {worst:.3g} (at {worst_key}) > {atol}"
+    return worst
+
+
+# -- 1. each stage learns what it should, and only that ------------------------------------------
+STAGE_SETTINGS = {  # steps, learning rate: enough to overfit two clips
+    "adapter": (8, 1e-2),
+    "motion": (8, 1e-3),
+    "motion_lora": (8, 1e-2),
+    "image_finetune": (8, 1e-3),
+}
+EVAL_SEEDS = (11, 22, 33, 44)
+
+
+def _frozen_parts(stage: str) -> tuple[str, ...]:
+    parts = ("image.vae", "image.text_encoder")
+    if stage != "image_finetune":
+        parts += ("model.unet2d",)
+    if stage == "motion_lora":
+        parts += ("model.motion",)
+    return parts
+
+
+def _train_and_measure(cfg: dict) -> dict:
+    """In the child: train `cfg` with a fixed evaluation loss before and after, and snapshots
+    of every frozen and trainable tensor."""
+    from animatediff.training import Trainer, parse_config
+    from animatediff.training.data import collate
+    from animatediff.training.loss import diffusion_loss
+
+    trainer = Trainer(parse_config(cfg))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    batch = collate([trainer.dataset[i] for i in range(len(trainer.dataset))])
+    n = len(batch["captions"])
+
+    @torch.no_grad()
+    def fixed_loss() -> float:
+        losses = []
+        for seed in EVAL_SEEDS:
+
+            def gens(seed=seed):
+                return [torch.Generator().manual_seed(seed * 1000 + j) for j in range(n)]
+
+            latents, text = trainer._encode(batch, gens())
+            loss = diffusion_loss(
+                lambda x, t, text=text: trainer.model(x, t, text),
+                latents,
+                trainer.noise_scheduler,
+                trainer.train.noise,
+                gens(),
+            )
+            losses.append(float(loss))
+        return sum(losses) / len(losses)
+
+    owners = {"image": trainer.image, "model": model}
+
+    def frozen_snapshot() -> dict[str, torch.Tensor]:
+        snap = {}
+        for part in _frozen_parts(cfg["stage"]):
+            owner, attr = part.split(".")
+            for k, v in getattr(owners[owner], attr).state_dict().items():
+                snap[f"{part}.{k}"] = v.detach().clone()
+        return snap
+
+    def trainable_snapshot() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    frozen_before, trainable_before = frozen_snapshot(), trainable_snapshot()
+    loss_before = fixed_loss()
+    results = trainer.fit()
+    loss_after = fixed_loss()
+    frozen_after, trainable_after = frozen_snapshot(), trainable_snapshot()
+    frozen_grad = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad
+        and any(
+            n.startswith(f"{x.split('.')[1]}.")
+            for x in _frozen_parts(cfg["stage"])
+            if x.startswith("model.")
+        )
+    ]
+    return {
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "frozen_count": len(frozen_before),
+        "frozen_changed": sorted(
+            k for k in frozen_before if not torch.equal(frozen_before[k], frozen_after[k])
+        ),
+        "frozen_requiring_grad": frozen_grad,
+        "trainable": sorted(trainable_before),
+        "trainable_unchanged": sorted(
+            k for k in trainable_before if torch.equal(trainable_before[k], trainable_after[k])
+        ),
+        "unet2d_parameters": sorted(f"unet2d.{k}" for k, _ in model.unet2d.named_parameters()),
+        "motion_parameters": sorted(f"motion.{k}" for k, _ in model.motion.named_parameters())
+        if model.motion is not None
+        else [],
+        "motion_state": {k: v.detach().clone() for k, v in model.motion.state_dict().items()}
+        if model.motion is not None
+        else None,
+        "results": [str(p) for p in results],
+    }
+
+
+@pytest.fixture(scope="session")
+def stage_run(data: Data, tmp_path_factory) -> Callable[[str], dict]:
+    """`stage_run(stage)` -> the measurements of one short overfitting run (memoised)."""
+    done: dict[str, dict] = {}
+
+    def run(stage: str) -> dict:
+        if stage not in done:
+            steps, lr = STAGE_SETTINGS[stage]
+            out = tmp_path_factory.mktemp(f"stage-{stage}")
+            extra = {"motion_module": str(data.motion_module)} if stage == "motion_lora" else {}
+            cfg = config(stage, out, data.overfit, steps=steps, batch_size=2, lr=lr, **extra)
+            if stage in ("adapter", "motion_lora"):
+                cfg["train"]["rank"] = 4
+            try:
+                done[stage] = {"out": out, **in_child(_train_and_measure, cfg)}
+            except ChildCrashed as e:
+                done[stage] = {"out": out, "crash": str(e)}
+        if "crash" in done[stage]:
+            pytest.fail(f"{stage} training crashed: {done[stage]['crash']}")
+        return done[stage]
+
+    return run
+
+
+@pytest.mark.parametrize("stage", ["adapter", "motion", "motion_lora", "image_finetune"])
+def test_stage_learns_and_only_trains_its_part(stage_run, stage: str):
+    run = stage_run(stage)
+    assert run["loss_after"] < 0.97 * run["loss_before"], (
+        f"{stage}: fixed evaluation loss {run['loss_before']:.4f} -> {run['loss_after']:.4f}"
+    )
+    assert run["frozen_count"] > 0
+    assert run["frozen_changed"] == [], (
+        f"{stage}: frozen tensors changed: {run['frozen_changed'][:5]}"
+    )
+    assert run["frozen_requiring_grad"] == []
+    trainable = run["trainable"]
+    assert trainable, f"{stage}: nothing trainable"
+    if stage in ("adapter", "motion_lora"):
+        assert all(
+            n.startswith("lora.") and n.endswith((".down.weight", ".up.weight")) for n in trainable
+        ), trainable[:5]
+        wanted = ("attn1.", "attn2.") if stage == "adapter" else ("attention_blocks.",)
+        assert all(any(w in n for w in wanted) for n in trainable), trainable[:5]
+        # q, k, v and out of each attention layer: 4 LoRA layers x (down, up)
+        assert len(trainable) % 8 == 0
+    elif stage == "motion":
+        assert trainable == run["motion_parameters"]
+    else:
+        assert trainable == run["unet2d_parameters"]
+    assert run["trainable_unchanged"] == [], (
+        f"{stage}: not updated: {run['trainable_unchanged'][:5]}"
+    )
+
+
+# -- 2. what each stage writes ---------------------------------------------------------------------
+def _generate(pipe, seed: int = 0) -> torch.Tensor:
+    video = pipe(
+        PROMPT,
+        num_frames=FRAMES,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        seed=seed,
+        progress=False,
+    )
+    return video.frames
+
+
+def test_motion_stage_outputs_load(stage_run):
+    from animatediff.checkpoints.motion import load_motion_module
+    from animatediff.pipeline import AnimationPipeline
+
+    run = stage_run("motion")
+    out = run["out"]
+    file, folder = out / "motion_module.safetensors", out / "motion_module_diffusers"
+    assert sorted(run["results"]) == sorted([str(file), str(folder)])
+    assert (folder / "config.json").is_file()
+    trained = run["motion_state"]
+    for path in (file, folder):
+        loaded = load_motion_module(path).state_dict()
+        assert_same_tensors(loaded, trained, f"{path.name} vs the trained module")
+    frames = _generate(AnimationPipeline.load(base=None, motion_module=file))
+    assert frames.shape[-4:] == (3, FRAMES, SIZE, SIZE)
+    assert torch.isfinite(frames).all()
+
+
+def test_motion_lora_output_changes_the_video(data: Data, stage_run):
+    from animatediff.pipeline import AnimationPipeline
+
+    run = stage_run("motion_lora")
+    lora = run["out"] / "motion_lora.safetensors"
+    assert run["results"] == [str(lora)]
+    keys = list(load_tensors(lora))
+    assert keys and all(
+        ".processor.to_" in k and k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in keys
+    ), keys[:4]
+    assert any(k.endswith(".attention_blocks.0.processor.to_q_lora.down.weight") for k in keys)
+    assert all(k.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for k in keys)
+
+    def video(**kwargs) -> torch.Tensor:
+        return _generate(
+            AnimationPipeline.load(base=None, motion_module=data.motion_module, **kwargs)
+        )
+
+    plain = video()
+    with_lora = video(motion_loras=[(lora, 1.0)])
+    at_zero = video(motion_loras=[(lora, 0.0)])
+    assert torch.equal(at_zero, plain), "a MotionLoRA at strength 0 must not change the video"
+    assert (with_lora - plain).abs().max() > 1e-3, (
+        "the trained MotionLoRA does not change the video"
+    )
+
+
+def test_adapter_output_loads(stage_run):
+    from animatediff.pipeline import AnimationPipeline
+
+    run = stage_run("adapter")
+    adapter = run["out"] / "domain_adapter.safetensors"
+    assert run["results"] == [str(adapter)]
+    keys = list(load_tensors(adapter))
+    assert keys and all(".processor.to_" in k for k in keys)
+    assert all((".attn1.processor." in k or ".attn2.processor." in k) for k in keys)
+    plain = _generate(AnimationPipeline.load(base=None))
+    adapted = _generate(AnimationPipeline.load(base=None, adapter=(adapter, 1.0)))
+    assert adapted.shape == plain.shape
+    assert (adapted - plain).abs().max() > 1e-3, "the trained adapter does not change the video"
+
+
+def test_image_finetune_output_loads(stage_run):
+    from diffusers import UNet2DConditionModel
+
+    run = stage_run("image_finetune")
+    unet = UNet2DConditionModel.from_pretrained(run["out"] / "unet")
+    assert sum(p.numel() for p in unet.parameters()) > 0
+
+
+@pytest.mark.parametrize("stage", ["adapter", "motion"])
+def test_metrics_and_loss_plot(stage_run, stage: str):
+    run = stage_run(stage)
+    rows = read_metrics(run["out"])
+    assert [r["step"] for r in rows] == list(range(1, STAGE_SETTINGS[stage][0] + 1))
+    for r in rows:
+        assert {"step", "loss", "lr", "samples_per_s", "skipped"} <= set(r), r
+        assert r["loss"] > 0 and r["samples_per_s"] > 0 and r["skipped"] == 0
+        assert r["lr"] == pytest.approx(STAGE_SETTINGS[stage][1])
+    png = run["out"] / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config_json = json.loads((run["out"] / "config.json").read_text())
+    assert config_json["stage"] == stage
+
+
+def test_validation_gifs_tensorboard_and_skipped(data: Data, tmp_path: Path):
+    """A motion run on 1 good + 1 corrupt + 1 too-short clip, validating every step and
+    logging to TensorBoard: GIFs appear, the bad clips are skipped and counted."""
+    from animatediff.training import train
+
+    out = tmp_path / "run"
+    cfg = config(
+        "motion",
+        out,
+        data.mixed,
+        steps=2,
+        report_to=["tensorboard"],
+        validation={"prompts": [PROMPT], "every": 1, "num_frames": FRAMES, "steps": 2},
+    )
+    in_child(train, cfg)
+    gifs = sorted((out / "validation").glob("*.gif"))
+    assert [g.name for g in gifs] == ["step-00000001-0.gif", "step-00000002-0.gif"]
+    from animatediff.video import video_info
+
+    assert video_info(gifs[-1]).num_frames == FRAMES
+    assert list(out.rglob("events.out.tfevents*")), "no TensorBoard events file"
+    rows = read_metrics(out)
+    # 2 steps x 1 sample drawn from a permutation of 3 clips: at least one is a bad clip.
+    assert rows[-1]["skipped"] >= 1, rows
+
+
+# -- 3. resume == uninterrupted ----------------------------------------------------------------------
+def test_sigint_then_resume_equals_uninterrupted(data: Data, tmp_path: Path):
+    from animatediff.training import train
+
+    steps = 6
+
+    def cfg(out: Path) -> dict:
+        return config(
+            "motion", out, data.overfit, steps=steps, lr=1e-3, checkpoint={"every": 2, "keep": 5}
+        )
+
+    whole = tmp_path / "whole"
+    in_child(train, cfg(whole))
+
+    parts = tmp_path / "parts"
+    cfg_file = write_yaml(tmp_path / "parts.yaml", cfg(parts))
+    env = subprocess_env()
+    first_checkpoint = parts / "checkpoints" / "step-00000002"
+    with subprocess.Popen(
+        [sys.executable, "-m", "animatediff.cli.main", "train", str(cfg_file)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while not first_checkpoint.exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 130, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+    assert "interrupted" in stderr
+    saved = sorted(p.name for p in (parts / "checkpoints").glob("step-*"))
+    stopped_at = int(saved[-1].split("-")[1])
+    assert 2 <= stopped_at < steps, saved
+    assert not (parts / "motion_module.safetensors").exists()
+    assert not list((parts / "checkpoints").glob(".tmp-*"))
+
+    in_child(train, str(cfg_file), resume=True)
+    a = load_tensors(whole / "motion_module.safetensors")
+    b = load_tensors(parts / "motion_module.safetensors")
+    assert_same_tensors(a, b, "resumed vs uninterrupted motion module")  # bitwise
+    losses_a = {r["step"]: r["loss"] for r in read_metrics(whole)}
+    losses_b = {r["step"]: r["loss"] for r in read_metrics(parts)}
+    assert sorted(losses_b) == list(range(1, steps + 1))
+    assert losses_b == losses_a
+
+
+# -- 4. two processes == one ---------------------------------------------------------------------------
+MULTI_STEPS = 3
+
+
+def _launch(cmd: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=subprocess_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data: Data, tmp_path_factory) -> Path:
+    """One process, batch 2, 3 steps, a checkpoint after every step (the reference)."""
+    root = tmp_path_factory.mktemp("one-process")
+    out = root / "out"
+    cfg = config(
+        "motion",
+        out,
+        data.overfit,
+        steps=MULTI_STEPS,
+        batch_size=2,
+        checkpoint={"every": 1, "keep": 5},
+    )
+    proc = _finish(
+        _launch(
+            [
+                sys.executable,
+                "-m",
+                "animatediff.cli.main",
+                "train",
+                str(write_yaml(root / "cfg1.yaml", cfg)),
+            ],
+            root,
+        )
+    )
+    assert proc.returncode == 0, describe(proc)
+    return out
+
+
+def test_two_processes_match_one(data: Data, one_process_run: Path, tmp_path: Path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process with Accelerate 1.x (its
+    multi-CPU path wants mpirun), and torchrun without ACCELERATE_USE_CPU gives each process a
+    non-distributed Accelerator. What does run 2 gloo processes on a CPU-only machine:
+    ACCELERATE_USE_CPU=true with `accelerate launch --multi_gpu` (or torchrun)."""
+    out = tmp_path / "out"
+    cfg = config("motion", out, data.overfit, steps=MULTI_STEPS, batch_size=1)
+    cmd = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "animatediff.cli.main",
+        "train",
+        str(write_yaml(tmp_path / "cfg2.yaml", cfg)),
+    ]
+    proc = _finish(_launch(cmd, tmp_path, ACCELERATE_USE_CPU="true"))
+    assert proc.returncode == 0, describe(proc)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, MULTI_STEPS + 1)), (
+        "one writer, one line a step"
+    )
+    one = load_tensors(one_process_run / "motion_module.safetensors")
+    two = load_tensors(out / "motion_module.safetensors")
+    worst = assert_same_tensors(one, two, "2 processes x batch 1 vs 1 process x batch 2", atol=1e-5)
+    print(f"max abs difference 2x1 vs 1x2: {worst:.3g}")
+    assert rows[-1]["loss"] == pytest.approx(read_metrics(one_process_run)[-1]["loss"], rel=1e-5)
+
+
+def test_readme_cpu_launch_command_runs_two_processes(
+    data: Data, one_process_run: Path, tmp_path: Path
+):
+    """The README's `accelerate launch --cpu --num_processes 2 ...` for 2 CPU processes, one step
+    with batch 1 per process, must match the one-process batch-2 run after its first step."""
+    out = tmp_path / "out"
+    cfg = config("motion", out, data.overfit, steps=1, batch_size=1)
+    cmd = [
+        "accelerate",
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "animatediff.cli.main",
+        "train",
+        str(write_yaml(tmp_path / "cfg.yaml", cfg)),
+    ]
+    proc = _finish(_launch(cmd, tmp_path))
+    assert proc.returncode == 0, describe(proc)
+    reference = load_tensors(
+        one_process_run / "checkpoints" / "step-00000001" / "trainable.safetensors"
+    )
+    reference = {k.removeprefix("motion."): v for k, v in reference.items()}
+    got = load_tensors(out / "motion_module.safetensors")
+    assert_same_tensors(
+        reference, got, "`accelerate launch --cpu --num_processes 2` (is it 2?)", atol=1e-5
+    )
+
+
+# -- 5. data -------------------------------------------------------------------------------------------
+def _dataset(**data_cfg):
+    from animatediff.training.config import DataConfig
+    from animatediff.training.data import VideoClips, find_clips
+
+    cfg = DataConfig(
+        num_frames=FRAMES, sample_size=SIZE, sample_stride=2, num_workers=0, **data_cfg
+    )
+    return VideoClips(find_clips(cfg), cfg, FRAMES, seed=0)
+
+
+def _check_items(dataset, expected_captions: dict[str, str]) -> None:
+    """Every item: the caption of its video, (3, f, H, W) pixels in [-1, 1], the right colour."""
+    colours = {c[4]: torch.tensor(c[1]) for c in CLIPS}
+    assert sorted(c.caption for c in dataset.clips) == sorted(expected_captions.values())
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["skipped"] == []
+        assert item["caption"] == dataset.clips[i].caption
+        pixels = item["pixels"]
+        assert pixels.shape == (3, FRAMES, SIZE, SIZE) and pixels.dtype == torch.float32
+        assert pixels.min() >= -1 and pixels.max() <= 1
+        # The square's colour: the brightest pixels of the first frame.
+        rgb = (pixels[:, 0] + 1) / 2
+        bright = rgb.sum(0) > rgb.sum(0).flatten().quantile(0.97)
+        colour = rgb[:, bright].mean(1)
+        assert (colour - colours[item["caption"]]).abs().max() < 0.2, (item["caption"], colour)
+
+
+def test_folder_dataset_skips_bad_videos_and_is_deterministic(data: Data):
+    dataset = _dataset(videos=str(data.clips))
+    names = [Path(c.path).stem for c in dataset.clips]
+    assert sorted(names) == sorted([c[0] for c in CLIPS] + ["corrupt", "short"])
+    for i, name in enumerate(names):
+        item = dataset[i]
+        assert item["pixels"].shape == (3, FRAMES, SIZE, SIZE)
+        if name in ("corrupt", "short"):
+            assert len(item["skipped"]) >= 1 and name in item["skipped"][0], item["skipped"]
+            assert item["caption"] != (data.clips / f"{name}.txt").read_text().strip()
+            if name == "short":
+                assert "too short" in item["skipped"][0]
+        else:
+            assert item["skipped"] == []
+            assert item["caption"] == (data.clips / f"{name}.txt").read_text().strip()
+    good = [i for i, n in enumerate(names) if n not in ("corrupt", "short")]
+    _check_items(_dataset(videos=str(data.overfit)), {c[0]: c[4] for c in CLIPS[:2]})
+    again = _dataset(videos=str(data.clips))
+    for i in good + [good[0] + len(dataset)]:  # ids of a later epoch too
+        assert torch.equal(dataset[i]["pixels"], dataset[i]["pixels"])
+        assert torch.equal(dataset[i]["pixels"], again[i]["pixels"])
+
+
+def test_webvid_csv_dataset(data: Data, tmp_path: Path):
+    folder = tmp_path / "webvid"
+    rows = []
+    for k, (name, *_rest, caption) in enumerate(CLIPS):
+        page_dir = f"{k % 2:03d}"
+        (folder / page_dir).mkdir(parents=True, exist_ok=True)
+        videoid = str(1000 + k)
+        shutil.copy(data.clips / f"{name}.mp4", folder / page_dir / f"{videoid}.mp4")
+        rows.append({"videoid": videoid, "name": caption, "page_dir": page_dir})
+    table = tmp_path / "results_train.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["videoid", "name", "page_dir"])
+        writer.writeheader()
+        writer.writerows(rows)
+    dataset = _dataset(csv=str(table), video_folder=str(folder))
+    assert len(dataset) == len(CLIPS)
+    _check_items(dataset, {c[0]: c[4] for c in CLIPS})
+
+
+def test_webdataset_shards(data: Data, tmp_path: Path):
+    for shard, clips in enumerate((CLIPS[:2], CLIPS[2:])):
+        with tarfile.open(tmp_path / f"shard-{shard:03d}.tar", "w") as tar:
+            for k, (name, *_rest, caption) in enumerate(clips):
+                key = f"{shard:02d}{k + 1:02d}"
+                tar.add(data.clips / f"{name}.mp4", arcname=f"{key}.mp4")
+                caption_file = tmp_path / f"{key}.txt"
+                caption_file.write_text(caption)
+                tar.add(caption_file, arcname=f"{key}.txt")
+    dataset = _dataset(shards=str(tmp_path / "shard-{000..001}.tar"))
+    assert len(dataset) == len(CLIPS)
+    assert all(c.member and c.member.endswith(".mp4") for c in dataset.clips)
+    _check_items(dataset, {c[0]: c[4] for c in CLIPS})
+
+
+# -- 6. bad configs fail before training, with one message -----------------------------------------------
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"lerning_rate_typo": 1}, ["lerning_rate_typo"]),
+        ({"train": {"lerning_rate": 1e-4}}, ["train.", "lerning_rate"]),
+        ({"data": {"videos": "x", "num_frame": 4}}, ["data.", "num_frame"]),
+        ({"train": {"noise": {"ofset_noise": 0.1}}}, ["train.noise.", "ofset_noise"]),
+        ({"stage": "motion_lora"}, ["motion_lora", "motion_module"]),
+        ({"stage": "video"}, ["stage", "video"]),
+        ({"data": {"videos": "x", "sample_size": 60}}, ["sample_size"]),
+    ],
+)
+def test_bad_config_is_rejected_when_parsed(change: dict, words: list[str]):
+    from animatediff.training import ConfigError, parse_config
+
+    cfg = {"stage": "motion", "base": None, "output_dir": "out", "data": {"videos": "x"}}
+    cfg.update(change)
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg)
+    message = str(e.value)
+    assert all(w in message for w in words), message
+    assert "\n" not in message
+
+
+def test_bad_configs_fail_before_training_with_one_line(data: Data, tmp_path: Path):
+    """Through the CLI's `main()` (exit 2, one line on stderr) and before anything is trained."""
+    cases = {
+        "missing-folder": (
+            {"data": {"videos": str(tmp_path / "nowhere")}},
+            ["not found", "nowhere"],
+        ),
+        "empty-folder": ({"data": {"videos": str(data.empty)}}, ["empty"]),
+        "too-many-frames": (
+            {"motion_module": str(data.motion_module), "data": {"num_frames": 40}},
+            ["40", "32", "max_frames"],
+        ),
+        "lora-without-module": ({"stage": "motion_lora"}, ["motion_module"]),
+        "nested-unknown": ({"train": {"lerning_rate": 1e-4}}, ["lerning_rate"]),
+    }
+    failures = []
+    for name, (change, words) in cases.items():
+        out = tmp_path / name
+        cfg = config("motion", out, data.overfit, **change)
+        code, _, stderr = run_cli_main(["train", str(write_yaml(tmp_path / f"{name}.yaml", cfg))])
+        lines = stderr.strip().splitlines()
+        ok = (
+            code == 2
+            and len(lines) == 1
+            and lines[0].startswith("animatediff: error:")
+            and all(w in lines[0] for w in words)
+        )
+        if not ok:
+            failures.append(f"{name}: exit {code}, stderr {stderr!r}, wanted {words}")
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    # Raising max_frames for a continued module is the documented way to train longer clips.
+    from animatediff.training import Trainer, parse_config
+
+    def raised_limit() -> int:
+        cfg = config(
+            "motion",
+            tmp_path / "raised",
+            data.overfit,
+            motion_module=str(data.motion_module),
+            motion_module_config={"max_frames": 48},
+            data={"num_frames": 40},
+        )
+        trainer = Trainer(parse_config(cfg))
+        return trainer.accelerator.unwrap_model(trainer.model).motion.config.max_frames
+
+    assert in_child(raised_limit) == 48
+    assert not failures, "\n".join(failures)
+
+
+def test_cli_malformed_yaml_and_unknown_key_exit_2(data: Data, tmp_path: Path):
+    """Real `animatediff train` processes: a malformed YAML file and a misspelt nested key."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("stage: motion\ndata: {videos: [unclosed\ntrain:\n  steps: 2\n")
+    typo = write_yaml(
+        tmp_path / "typo.yaml",
+        config("motion", tmp_path / "out", data.overfit, train={"lerning_rate": 1}),
+    )
+    procs = {
+        name: _launch(["animatediff", "train", str(path)], tmp_path)
+        for name, path in (("yaml", bad_yaml), ("typo", typo))
+    }
+    results = {name: _finish(p) for name, p in procs.items()}
+    for name, words in (("yaml", ["bad.yaml", "YAML"]), ("typo", ["lerning_rate"])):
+        proc = results[name]
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, describe(proc)
+        assert len(lines) == 1, f"{name}: want one line on stderr\n{describe(proc)}"
+        assert lines[0].startswith("animatediff: error:") and all(w in lines[0] for w in words)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# -- 7. pre-encoding -----------------------------------------------------------------------------------------
+def test_encode_then_train_from_cache(data: Data, tmp_path: Path):
+    from animatediff.training import train
+
+    cache = tmp_path / "latents"
+    cfg_file = write_yaml(
+        tmp_path / "cfg.yaml", config("motion", tmp_path / "unused", data.overfit)
+    )
+    proc = run_process(["animatediff", "train", str(cfg_file), "--encode", str(cache)], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 2, files
+    captions = set()
+    for file in files:
+        with safetensors.safe_open(str(file), "pt") as f:
+            captions.add(f.metadata()["caption"])
+            assert f.get_tensor("mean").shape == (4, FRAMES, SIZE // 4, SIZE // 4)
+            assert (f.get_tensor("std") > 0).all()
+    assert captions == {CLIPS[0][4], CLIPS[1][4]}
+
+    out = tmp_path / "from-cache"
+    cfg = config("motion", out, data.overfit, steps=2)
+    cfg["data"] = {"cache": str(cache), "num_frames": FRAMES, "sample_size": SIZE, "num_workers": 0}
+    results = in_child(train, cfg)
+    assert [Path(p).name for p in results] == [
+        "motion_module.safetensors",
+        "motion_module_diffusers",
+    ]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert all(r["loss"] > 0 for r in read_metrics(out))
+
+
+def test_encode_reports_unreadable_clips_instead_of_duplicating(data: Data, tmp_path: Path):
+    """Encoding a folder with a corrupt and a too-short video: each readable clip once, and the
+    bad ones reported (not silently replaced by copies of their neighbour)."""
+    cache = tmp_path / "latents"
+    cfg_file = write_yaml(tmp_path / "cfg.yaml", config("motion", tmp_path / "unused", data.mixed))
+    code, stdout, stderr = run_cli_main(["train", str(cfg_file), "--encode", str(cache)])
+    assert code == 0, stderr
+    means = [load_tensors(f)["mean"] for f in sorted(cache.glob("*.safetensors"))]
+    duplicates = sum(torch.equal(a, b) for i, a in enumerate(means) for b in means[i + 1 :])
+    problems = []
+    if duplicates:
+        problems.append(f"{len(means)} files for 1 readable clip: {duplicates} duplicate pairs")
+    log = stdout + stderr
+    if "corrupt" not in log or "short" not in log:
+        problems.append(f"the skipped videos are not reported; stderr: {stderr[-500:]!r}")
+    assert not problems, "; ".join(problems)
