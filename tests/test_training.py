@@ -45,6 +45,7 @@ import yaml
 FRAMES = 4
 SIZE = 64  # pixels; the built-in VAE downsamples 4x -> 16x16 latents (the UNet needs /8)
 PROMPT = "a red square moving right"
+BACKGROUND = (0.15, 0.15, 0.25)
 SUBPROCESS_TIMEOUT = 600  # seconds; generous, as other jobs may share the CPU
 
 # name, colour (RGB in [0, 1]), direction (dx, dy), frames, caption
@@ -69,8 +70,8 @@ def in_child(fn: Callable, *args, timeout: float = SUBPROCESS_TIMEOUT, **kwargs)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        status = 0
+    if pid == 0:  # the child: whatever happens, it ends here and never returns into pytest
+        status = 1
         try:
             try:
                 outcome = ("ok", fn(*args, **kwargs))
@@ -84,12 +85,13 @@ def in_child(fn: Callable, *args, timeout: float = SUBPROCESS_TIMEOUT, **kwargs)
                     f.truncate()
                     text = outcome[2] if outcome[0] == "error" else repr(outcome[1])
                     pickle.dump(("error", RuntimeError(text), text), f)
-        except BaseException:
-            status = 1
+            status = 0
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -120,16 +122,32 @@ def run_cli_main(argv: list[str]) -> tuple[int, str, str]:
     """`animatediff.cli.main.main(argv)` in a forked child: (exit code, stdout, stderr)."""
 
     def run() -> tuple[int, str, str]:
+        import diffusers.utils.logging
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
         from animatediff.cli.main import main
 
+        # What the CLI's environment settings do in a fresh process (here, too late for that).
+        for library in (diffusers.utils.logging, transformers.utils.logging):
+            library.disable_progress_bar()
+            library.set_verbosity_error()
+        huggingface_hub.utils.disable_progress_bars()
+        streams = sys.stdout, sys.stderr
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(out.fileno(), 1)  # the child's own descriptors: nothing to restore
+            for stream in streams:
+                stream.flush()
+            # Python's streams (pytest replaced them) and the file descriptors (for anything
+            # written below Python); this is the child, nothing else needs them.
+            os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
-            code = main(argv)
-            sys.stdout.flush()
-            sys.stderr.flush()
+            sys.stdout, sys.stderr = out, err
+            try:
+                code = main(argv)
+            finally:
+                sys.stdout, sys.stderr = streams
+            out.flush()
+            err.flush()
             out.seek(0)
             err.seek(0)
             return code, out.read(), err.read()
@@ -166,8 +184,7 @@ def write_yaml(path: Path, config: dict) -> Path:
 # -- the synthetic dataset ------------------------------------------------------------------------
 def moving_square(colour, direction, frames: int, size: int = SIZE, side: int = 16) -> torch.Tensor:
     """(3, f, size, size) in [0, 1]: a square crossing a dark background."""
-    video = torch.full((3, frames, size, size), 0.15)
-    video[2] = 0.25
+    video = torch.tensor(BACKGROUND).view(3, 1, 1, 1).repeat(1, frames, size, size)
     travel = size - side
     for f in range(frames):
         pos = [travel // 2, travel // 2]
@@ -252,6 +269,17 @@ def data(tmp_path_factory) -> Data:
     patch.undo()
 
 
+def merged(base: dict, change: dict) -> dict:
+    """`base` with `change` applied; nested dicts are merged key by key."""
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def config(
     stage: str,
     out: Path,
@@ -262,6 +290,7 @@ def config(
     lr: float = 1e-3,
     **extra,
 ) -> dict:
+    """A tiny training config: the built-in model, 4 frames of 64x64, no trackers."""
     cfg = {
         "stage": stage,
         "base": None,
@@ -283,12 +312,7 @@ def config(
         "checkpoint": {"every": 0},
         "report_to": [],
     }
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    return cfg
+    return merged(cfg, extra)
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -312,10 +336,10 @@ def assert_same_tensors(a: dict, b: dict, what: str, atol: float = 0.0) -> float
 
 
 # -- 1. each stage learns what it should, and only that ------------------------------------------
-STAGE_SETTINGS = {  # steps, learning rate: enough to overfit two clips
-    "adapter": (8, 1e-2),
-    "motion": (8, 1e-3),
-    "motion_lora": (8, 1e-2),
+STAGE_SETTINGS = {  # steps, learning rate: enough to overfit two clips (tuned on this model)
+    "adapter": (16, 5e-2),
+    "motion": (8, 1e-2),
+    "motion_lora": (8, 3e-2),
     "image_finetune": (8, 1e-3),
 }
 EVAL_SEEDS = (11, 22, 33, 44)
@@ -439,7 +463,7 @@ def stage_run(data: Data, tmp_path_factory) -> Callable[[str], dict]:
 @pytest.mark.parametrize("stage", ["adapter", "motion", "motion_lora", "image_finetune"])
 def test_stage_learns_and_only_trains_its_part(stage_run, stage: str):
     run = stage_run(stage)
-    assert run["loss_after"] < 0.97 * run["loss_before"], (
+    assert run["loss_after"] < 0.95 * run["loss_before"], (
         f"{stage}: fixed evaluation loss {run['loss_before']:.4f} -> {run['loss_after']:.4f}"
     )
     assert run["frozen_count"] > 0
@@ -447,7 +471,7 @@ def test_stage_learns_and_only_trains_its_part(stage_run, stage: str):
         f"{stage}: frozen tensors changed: {run['frozen_changed'][:5]}"
     )
     assert run["frozen_requiring_grad"] == []
-    trainable = run["trainable"]
+    trainable = [n.replace("/", ".") for n in run["trainable"]]  # LoRA ModuleDict keys use "/"
     assert trainable, f"{stage}: nothing trainable"
     if stage in ("adapter", "motion_lora"):
         assert all(
@@ -464,6 +488,21 @@ def test_stage_learns_and_only_trains_its_part(stage_run, stage: str):
     assert run["trainable_unchanged"] == [], (
         f"{stage}: not updated: {run['trainable_unchanged'][:5]}"
     )
+
+
+def test_seed_alone_determines_the_run(data: Data, tmp_path: Path):
+    """`train.seed` fixes the new weights too (LoRA `down`, a new motion module): the same
+    config gives the same result whatever the caller did with the global RNG before."""
+    from animatediff.training import train
+
+    def run(out: Path, global_seed: int) -> dict:
+        torch.manual_seed(global_seed)  # e.g. the caller's own random work
+        train(config("adapter", out, data.overfit, steps=1))
+        return load_tensors(out / "domain_adapter.safetensors")
+
+    a = in_child(run, tmp_path / "a", 1)
+    b = in_child(run, tmp_path / "b", 2)
+    assert_same_tensors(a, b, "same config and train.seed, different global RNG state")
 
 
 # -- 2. what each stage writes ---------------------------------------------------------------------
@@ -787,10 +826,11 @@ def _check_items(dataset, expected_captions: dict[str, str]) -> None:
         pixels = item["pixels"]
         assert pixels.shape == (3, FRAMES, SIZE, SIZE) and pixels.dtype == torch.float32
         assert pixels.min() >= -1 and pixels.max() <= 1
-        # The square's colour: the brightest pixels of the first frame.
+        # The square's colour: the pixels of the first frame far from the background.
         rgb = (pixels[:, 0] + 1) / 2
-        bright = rgb.sum(0) > rgb.sum(0).flatten().quantile(0.97)
-        colour = rgb[:, bright].mean(1)
+        square = (rgb - torch.tensor(BACKGROUND).view(3, 1, 1)).abs().sum(0) > 0.6
+        assert 100 < square.sum() < 400, int(square.sum())  # a 16x16 square
+        colour = rgb[:, square].mean(1)
         assert (colour - colours[item["caption"]]).abs().max() < 0.2, (item["caption"], colour)
 
 
@@ -894,7 +934,7 @@ def test_bad_configs_fail_before_training_with_one_line(data: Data, tmp_path: Pa
     failures = []
     for name, (change, words) in cases.items():
         out = tmp_path / name
-        cfg = config("motion", out, data.overfit, **change)
+        cfg = merged(config("motion", out, data.overfit), change)
         code, _, stderr = run_cli_main(["train", str(write_yaml(tmp_path / f"{name}.yaml", cfg))])
         lines = stderr.strip().splitlines()
         ok = (

@@ -31,6 +31,21 @@ KNOWN_KEYS = {
     "H",
     "L",
 }
+# This project's additions, spelled as the pipeline's keyword arguments.
+SAMPLING_KEYS = {
+    "context_length",
+    "context_overlap",
+    "context_stride",
+    "context_schedule",
+    "context_fuse",
+    "context_views",
+    "prompt_head",
+    "prompt_tail",
+    "prompt_interpolation",
+    "freenoise",
+    "freeinit_iterations",
+    "motion_scale",
+}
 # Keys of official configs for features handled elsewhere or not at all; accepted with a note.
 IGNORED_KEYS = {
     "controlnet_path",
@@ -50,7 +65,7 @@ class Run:
 
     name: str
     motion_module: str
-    prompt: str
+    prompt: str | dict  # a dict is a prompt map (prompt travel)
     negative_prompt: str
     seed: int
     personal: str | None = None
@@ -64,6 +79,7 @@ class Run:
     height: int | None = None
     num_frames: int = 16
     num_videos: int = 1
+    sampling: dict = field(default_factory=dict)  # context windows, FreeInit, ... (pipeline kwargs)
 
     def model_key(self) -> tuple:
         """Runs with the same key share a loaded pipeline."""
@@ -137,7 +153,7 @@ def load_runs(path: str | Path, base_seed: int | None = None) -> list[Run]:
 
 
 def _entry_runs(name: str, e: dict, root: Path, path: Path) -> list[Run]:
-    unknown = set(e) - KNOWN_KEYS - IGNORED_KEYS
+    unknown = set(e) - KNOWN_KEYS - IGNORED_KEYS - SAMPLING_KEYS - {"prompt_map"}
     if unknown:
         warnings.warn(
             f"{path}: entry {name}: ignoring unknown keys {sorted(unknown)}", stacklevel=2
@@ -147,10 +163,11 @@ def _entry_runs(name: str, e: dict, root: Path, path: Path) -> list[Run]:
             f"{path}: entry {name}: ControlNet keys are not used by `generate --config`",
             stacklevel=2,
         )
-    for key in ("motion_module", "prompt"):
-        if key not in e:
-            raise ConfigError(f"{path}: entry {name} has no '{key}'")
-    prompts = _as_list(e["prompt"])
+    if "motion_module" not in e or not ("prompt" in e or "prompt_map" in e):
+        raise ConfigError(
+            f"{path}: entry {name} needs 'motion_module' and 'prompt' (or 'prompt_map')"
+        )
+    prompts = [e["prompt_map"]] if "prompt_map" in e else _as_list(e["prompt"])
     negatives = _as_list(e.get("n_prompt") or [""])
     if len(negatives) == 1:
         negatives = negatives * len(prompts)
@@ -172,6 +189,7 @@ def _entry_runs(name: str, e: dict, root: Path, path: Path) -> list[Run]:
         width=int(e.get("W", 512)),
         height=int(e.get("H", 512)),
         num_frames=int(e.get("L", 16)),
+        sampling={k: e[k] for k in SAMPLING_KEYS if k in e},
     )
     runs = []
     for module in _as_list(e["motion_module"]):

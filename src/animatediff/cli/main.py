@@ -70,6 +70,24 @@ def _add_generate(sub) -> None:
         help="output file (.gif/.mp4/.webp, or a folder for PNGs); with --config, a folder",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g = p.add_argument_group("long videos and prompt travel")
+    g.add_argument("--context-length", type=int, default=16, help="0: all frames at once")
+    g.add_argument("--context-overlap", type=int, default=4)
+    g.add_argument("--context-stride", type=int, default=1)
+    g.add_argument(
+        "--context-schedule", default="static", choices=("static", "uniform", "looped", "batched")
+    )
+    g.add_argument(
+        "--context-fuse", default="pyramid", choices=("flat", "pyramid", "overlap-linear")
+    )
+    g.add_argument("--context-views", action="store_true", help="window only the motion modules")
+    g.add_argument("--prompt-map", metavar="FILE", help="JSON/YAML {frame: prompt} (prompt travel)")
+    g.add_argument("--prompt-head", default="", help="text before every prompt-map prompt")
+    g.add_argument("--prompt-tail", default="", help="text after every prompt-map prompt")
+    g.add_argument("--prompt-interpolation", default="linear", choices=("linear", "slerp"))
+    g.add_argument("--freenoise", action="store_true", help="FreeNoise noise rescheduling")
+    g.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit iterations")
+    g.add_argument("--motion-scale", type=float, default=1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,11 +219,42 @@ def _default_output(prompt: str, seed, folder: Path = Path("outputs")) -> Path:
     return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(prompt)}-{seed}.gif"
 
 
+SAMPLING_FLAGS = (
+    "context_overlap",
+    "context_stride",
+    "context_schedule",
+    "context_fuse",
+    "context_views",
+    "prompt_head",
+    "prompt_tail",
+    "prompt_interpolation",
+    "freenoise",
+    "motion_scale",
+)
+
+
+def _sampling_from_args(args) -> dict:
+    options = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    options["context_length"] = args.context_length or None
+    options["freeinit_iterations"] = args.freeinit
+    return options
+
+
+def _prompt_map(path: str) -> dict:
+    import yaml
+
+    _existing(path, "--prompt-map")
+    data = yaml.safe_load(Path(path).read_text())  # JSON is YAML too
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"--prompt-map {path}: expected a mapping {{frame: prompt}}")
+    return data
+
+
 def _run_from_args(args) -> Run:
     return Run(
         name="cli",
         motion_module=args.motion_module,
-        prompt=args.prompt,
+        prompt=_prompt_map(args.prompt_map) if args.prompt_map else args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
         personal=args.personal,
@@ -218,6 +267,7 @@ def _run_from_args(args) -> Run:
         height=args.height,
         num_frames=args.frames,
         num_videos=args.num_videos,
+        sampling=_sampling_from_args(args),
     )
 
 
@@ -227,15 +277,16 @@ def cmd_generate(args) -> None:
         runs = load_runs(args.config)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = Path(args.output or Path("outputs") / f"{Path(args.config).stem}-{stamp}")
-        outputs = [folder / f"{i:03d}-{_slug(run.prompt)}.gif" for i, run in enumerate(runs)]
-    elif args.prompt:
+        outputs = [folder / f"{i:03d}-{_slug(str(run.prompt))}.gif" for i, run in enumerate(runs)]
+    elif args.prompt or args.prompt_map:
         runs = [_run_from_args(args)]
-        output = Path(args.output) if args.output else _default_output(args.prompt, runs[0].seed)
+        name = args.prompt or Path(args.prompt_map).stem
+        output = Path(args.output) if args.output else _default_output(name, runs[0].seed)
         if output.is_dir():
-            output = _default_output(args.prompt, runs[0].seed, output)
+            output = _default_output(name, runs[0].seed, output)
         outputs = [output]
     else:
-        raise UsageError("give a PROMPT, or --config FILE")
+        raise UsageError("give a PROMPT, --prompt-map FILE or --config FILE")
     for output in outputs:
         _check_free(output, args.overwrite)
     pipe, key = None, None
@@ -253,6 +304,7 @@ def cmd_generate(args) -> None:
             seed=None if run.seed == -1 else run.seed,
             num_videos_per_prompt=run.num_videos,
             fps=args.fps,
+            **{**_sampling_from_args(args), **run.sampling},
         )
         _save(video, output, args, pipe.sources)
 

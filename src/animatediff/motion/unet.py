@@ -9,6 +9,7 @@ state dict stay untouched and `remove()` gives it back exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -55,6 +56,7 @@ class MotionUNet(nn.Module):
         self.motion = motion
         self.motion_scale: float | torch.Tensor = 1.0
         self.gradient_checkpointing = False  # recompute motion modules in backward (training)
+        self._windows: list[tuple[list[int], torch.Tensor]] | None = None
         self._num_frames: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._check_layout()
@@ -140,8 +142,12 @@ class MotionUNet(nn.Module):
         return hook
 
     def _run_motion(self, module: TemporalModule, x: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(module, x, self._num_frames, use_reentrant=False)
+        if self._windows is not None:
+            out = self._windowed(module, x)
+        elif self.gradient_checkpointing and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(
+                module, x, self._num_frames, use_reentrant=False
+            )
         else:
             out = module(x, self._num_frames)
         scale = self.motion_scale
@@ -151,6 +157,26 @@ class MotionUNet(nn.Module):
         if isinstance(scale, torch.Tensor) and scale.ndim == 1:  # per frame
             scale = scale.to(x).repeat(x.shape[0] // scale.shape[0]).view(-1, 1, 1, 1)
         return x + (out - x) * scale
+
+    @contextlib.contextmanager
+    def frame_windows(self, windows: list[tuple[list[int], torch.Tensor]]):
+        """Within the block, each motion module runs on these frame windows and fuses their
+        outputs per frame with the given weights ("views": the image layers see all frames)."""
+        self._windows = windows
+        try:
+            yield
+        finally:
+            self._windows = None
+
+    def _windowed(self, module: TemporalModule, x: torch.Tensor) -> torch.Tensor:
+        from ..pipeline.context import WindowAccumulator
+
+        video = _unfold(x, self._num_frames)
+        fused = WindowAccumulator.like(video)
+        for indices, weights in self._windows:
+            part = module(_fold(video[:, :, indices]), len(indices))
+            fused.add(indices, _unfold(part, len(indices)), weights)
+        return _fold(fused.result().to(x.dtype))
 
     def _gn_pre(self, norm, args):
         if self._num_frames is None:

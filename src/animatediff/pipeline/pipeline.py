@@ -7,8 +7,11 @@ run together, the scheduler stepping all frames jointly, then the VAE decoding f
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,10 +24,36 @@ from ..lora import LoRASet, merge_lora
 from ..motion.module import MotionModules
 from ..motion.unet import MotionUNet
 from ..video import Video
+from .context import ContextOptions, WindowAccumulator, context_windows, window_text
+from .noise import FREEINIT_DEFAULTS, freeinit_reinit, freenoise_latents, freq_filter
 from .prompt import encode_prompts
 from .schedulers import make_scheduler
+from .travel import compose_prompt, frame_embeddings, travel_prompts
 
 LATENT_CHANNELS = 4
+Prompt = str | Sequence[str] | Mapping[int | str, str]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one generation samples (what `denoise` and `predict` need)."""
+
+    scheduler: object
+    steps: int
+    guidance_scale: float
+    context: ContextOptions | None
+    views: bool
+    progress: bool
+    generator: torch.Generator | None
+
+
+def _jsonable(value):
+    """Settings as they go into the saved JSON: prompts as a list (or a map), numbers as is."""
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    if isinstance(value, str):
+        return [value]
+    return value if isinstance(value, (int, float)) else list(value)
 
 
 def _as_list(x: str | Sequence[str]) -> list[str]:
@@ -169,12 +198,47 @@ class AnimationPipeline:
         self.motion_loras[name].strength = strength
 
     # -- generation ----------------------------------------------------------------------------
-    def encode(self, prompts: list[str], negative: list[str], guidance: bool) -> torch.Tensor:
-        """[uncond; cond] text embeddings (or cond alone without guidance)."""
-        cond = encode_prompts(self.tokenizer, self.text_encoder, prompts)
-        if not guidance:
-            return cond
-        return torch.cat([encode_prompts(self.tokenizer, self.text_encoder, negative), cond])
+    def embed(self, prompt: Prompt, num_frames: int, head: str, tail: str, method: str):
+        """(P, 77, d) for a prompt or list of prompts; (num_frames, 77, d) for a prompt map
+        (prompt travel: keyframes encoded, frames in between interpolated)."""
+        if not isinstance(prompt, Mapping):
+            texts = [compose_prompt(head, p, tail) for p in _as_list(prompt)]
+            return encode_prompts(self.tokenizer, self.text_encoder, texts)
+        keys = travel_prompts(prompt, num_frames, head, tail)
+        embeddings = encode_prompts(self.tokenizer, self.text_encoder, [t for _, t in keys])
+        return frame_embeddings(list(zip([f for f, _ in keys], embeddings)), num_frames, method)
+
+    def conditioning(
+        self,
+        prompt: Prompt,
+        negative: Prompt,
+        num_frames: int,
+        videos: int,
+        guidance: bool,
+        head: str = "",
+        tail: str = "",
+        method: str = "linear",
+    ):
+        """Text for the UNet: rows [uncond videos; cond videos], one per video, or one per
+        frame of each video (`(2 b f, 77, d)`) when either prompt is a prompt map."""
+        cond = self.embed(prompt, num_frames, head, tail, method)
+        uncond = self.embed(negative, num_frames, "", "", method)
+        travel = isinstance(prompt, Mapping) or isinstance(negative, Mapping)
+        if travel:  # one row per frame, the same for every video
+            cond, uncond = (
+                t.expand(num_frames, *t.shape[1:]) if len(t) == 1 else t for t in (cond, uncond)
+            )
+            return torch.cat(
+                [uncond.repeat(videos, 1, 1), cond.repeat(videos, 1, 1)]
+                if guidance
+                else [cond.repeat(videos, 1, 1)]
+            )
+        if len(uncond) == 1:
+            uncond = uncond.expand(len(cond), *uncond.shape[1:])
+        if len(uncond) != len(cond):
+            raise ValueError(f"{len(uncond)} negative prompts for {len(cond)} prompts")
+        text = torch.cat([uncond, cond]) if guidance else cond
+        return text.repeat_interleave(videos, dim=0)
 
     def generator(self, seed: int | None) -> torch.Generator | None:
         """The official code seeds the generator of the device that draws the noise (the CPU
@@ -185,7 +249,7 @@ class AnimationPipeline:
             seed
         )
 
-    def prepare_latents(
+    def initial_noise(
         self,
         batch: int,
         num_frames: int,
@@ -193,21 +257,20 @@ class AnimationPipeline:
         width: int,
         generator: torch.Generator | None,
         latents: torch.Tensor | None,
-        scheduler,
-    ) -> torch.Tensor:
+    ):
         factor = self.vae_scale_factor
         shape = (batch, LATENT_CHANNELS, num_frames, height // factor, width // factor)
         if latents is None:  # drawn at once, in the official layout
             latents = torch.randn(shape, generator=generator, device=generator.device)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return latents.to(self.device, torch.float32) * scheduler.init_noise_sigma
+        return latents.to(self.device, torch.float32)
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
+        prompt: Prompt,
+        negative_prompt: Prompt | None = None,
         num_frames: int = 16,
         height: int | None = None,
         width: int | None = None,
@@ -220,37 +283,79 @@ class AnimationPipeline:
         decode_chunk_size: int = 16,
         fps: float = 8,
         progress: bool = True,
-    ) -> Video:
+        context_length: int | None = 16,
+        context_overlap: int = 4,
+        context_stride: int = 1,
+        context_schedule: str = "static",
+        context_fuse: str = "pyramid",
+        context_views: bool = False,
+        prompt_head: str = "",
+        prompt_tail: str = "",
+        prompt_interpolation: str = "linear",
+        freenoise: bool = False,
+        freeinit_iterations: int = 0,
+        freeinit_filter: str = "butterworth",
+        motion_scale: float | Sequence[float] = 1.0,
+        output_type: str = "video",
+    ) -> Video | torch.Tensor:
         """Generate `len(prompt) * num_videos_per_prompt` videos of `num_frames` frames.
 
+        prompt: a string, a list (one video each), or a prompt map `{frame: prompt}` (prompt
+        travel; `-1` is the last frame; `prompt_head`/`prompt_tail` are added to every key).
         height/width default to the model's native size (512 for SD1.5). `latents`
-        (b, 4, f, h/8, w/8) replace the seeded noise.
+        (b, 4, f, h/8, w/8) replace the seeded noise. Clips longer than `context_length` are
+        denoised in overlapping windows (`context_*`; `None` samples all frames at once;
+        `context_views` windows only the motion modules). `freenoise` reschedules the noise
+        of later windows; `freeinit_iterations` > 0 enables FreeInit; `motion_scale` scales the
+        motion modules' effect (a number, or one per frame). `output_type="latents"` returns
+        the denoised latents (b, 4, f, h/8, w/8) instead of decoding them.
         """
+        if output_type not in ("video", "latents"):
+            raise ValueError(f"output_type must be 'video' or 'latents', not {output_type!r}")
         height = height or self.default_size
         width = width or self.default_size
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-        prompts = _as_list(prompt)
-        negatives = _as_list(negative_prompt if negative_prompt is not None else "")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        travel = isinstance(prompt, Mapping)
+        videos = num_videos_per_prompt * (1 if travel else len(_as_list(prompt)))
         seed = secrets.randbelow(2**31) if seed is None and latents is None else seed
         sched = make_scheduler(scheduler) if scheduler else self.scheduler
         guidance = guidance_scale > 1.0
-        text = self.encode(prompts, negatives, guidance).to(self.dtype)
-        text = text.repeat_interleave(num_videos_per_prompt, dim=0)
-        batch = len(prompts) * num_videos_per_prompt
-        generator = self.generator(seed)
-        latents = self.prepare_latents(batch, num_frames, height, width, generator, latents, sched)
-        latents = self.denoise(
-            latents, text, sched, num_inference_steps, guidance_scale, progress, generator
+        negative = negative_prompt if negative_prompt is not None else ""
+        text = self.conditioning(
+            prompt,
+            negative,
+            num_frames,
+            num_videos_per_prompt,
+            guidance,
+            prompt_head,
+            prompt_tail,
+            prompt_interpolation,
+        ).to(self.dtype)
+        context = (
+            ContextOptions(
+                context_length, context_overlap, context_stride, context_schedule, context_fuse
+            )
+            if context_length and num_frames > context_length
+            else None
         )
+        generator = self.generator(seed)
+        noise = self.initial_noise(videos, num_frames, height, width, generator, latents)
+        if freenoise and context is not None:
+            noise = freenoise_latents(noise, context_length, context_overlap, generator)
+        sampling = Sampling(
+            sched, num_inference_steps, guidance_scale, context, context_views, progress, generator
+        )
+        with self._motion_scale(motion_scale):
+            latents = self.sample_with_freeinit(
+                noise, text, sampling, freeinit_iterations, freeinit_filter
+            )
+        if output_type == "latents":
+            return latents
         frames = self.decode(latents, decode_chunk_size)
         info = dict(
-            prompt=prompts,
-            negative_prompt=negatives,
+            prompt=_jsonable(prompt),
+            negative_prompt=_jsonable(negative),
             num_frames=num_frames,
             height=height,
             width=width,
@@ -261,32 +366,99 @@ class AnimationPipeline:
             num_videos_per_prompt=num_videos_per_prompt,
             dtype=str(self.dtype).removeprefix("torch."),
             motion_loras={n: lora.strength for n, lora in self.motion_loras.items()},
+            context=None
+            if context is None
+            else {**dataclasses.asdict(context), "views": context_views},
+            freenoise=freenoise,
+            freeinit_iterations=freeinit_iterations,
+            motion_scale=_jsonable(motion_scale),
         )
         return Video(frames, fps=fps, info=info)
 
+    @contextlib.contextmanager
+    def _motion_scale(self, scale: float | Sequence[float]):
+        previous = self.unet.motion_scale
+        self.unet.motion_scale = (
+            float(scale)
+            if isinstance(scale, (int, float))
+            else torch.tensor(list(scale), dtype=torch.float32)
+        )
+        try:
+            yield
+        finally:
+            self.unet.motion_scale = previous
+
+    def sample_with_freeinit(self, noise, text, sampling: Sampling, iterations: int, kind: str):
+        """FreeInit: after each full sampling, diffuse the result back to the last timestep
+        with the initial noise, keep its low frequencies and take fresh high-frequency noise."""
+        latents = self.denoise(noise * sampling.scheduler.init_noise_sigma, text, sampling)
+        if iterations <= 0:
+            return latents
+        lpf = freq_filter(
+            noise.shape[-3:],
+            kind=kind,
+            device=noise.device,
+            **{k: v for k, v in FREEINIT_DEFAULTS.items() if k in ("n", "d_s", "d_t")},
+        )
+        last = torch.full(
+            (noise.shape[0],),
+            sampling.scheduler.config.num_train_timesteps - 1,
+            device=noise.device,
+            dtype=torch.long,
+        )
+        for _ in range(iterations):
+            diffused = sampling.scheduler.add_noise(latents, noise, last)
+            fresh = torch.randn(
+                noise.shape,
+                generator=sampling.generator,
+                device=sampling.generator.device if sampling.generator else None,
+            )
+            restart = freeinit_reinit(diffused, fresh.to(noise.device), lpf)
+            latents = self.denoise(restart * sampling.scheduler.init_noise_sigma, text, sampling)
+        return latents
+
     def denoise(
-        self,
-        latents,
-        text,
-        scheduler,
-        steps: int,
-        guidance_scale: float,
-        progress: bool,
-        generator: torch.Generator | None = None,
+        self, latents: torch.Tensor, text: torch.Tensor, sampling: Sampling
     ) -> torch.Tensor:
-        """The sampling loop; `generator` (continuing the seed's stream) feeds stochastic
+        """The sampling loop; the generator (continuing the seed's stream) feeds stochastic
         samplers such as Euler ancestral, so seeded runs repeat exactly."""
-        scheduler.set_timesteps(steps, device=self.device)
-        guidance = guidance_scale > 1.0
-        for t in tqdm(scheduler.timesteps, disable=not progress, desc="denoising"):
+        scheduler = sampling.scheduler
+        scheduler.set_timesteps(sampling.steps, device=self.device)
+        guidance = sampling.guidance_scale > 1.0
+        timesteps = scheduler.timesteps
+        for step, t in enumerate(tqdm(timesteps, disable=not sampling.progress, desc="denoising")):
             model_input = torch.cat([latents] * 2) if guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.unet(model_input.to(self.dtype), t, text).float()
+            noise = self.predict(model_input, t, text, sampling, step, len(timesteps))
             if guidance:
                 uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(noise, t, latents, generator=generator).prev_sample
+                noise = uncond + sampling.guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, generator=sampling.generator).prev_sample
         return latents
+
+    def predict(self, sample, t, text, sampling: Sampling, step: int, num_steps: int):
+        """The UNet's prediction for all frames: at once, or window by window fused per frame
+        with the context options' weights (before guidance)."""
+        frames = sample.shape[2]
+        context = sampling.context
+        windows = context_windows(frames, step, num_steps, context) if context else None
+        if windows is None or len(windows) == 1 and windows[0] == list(range(frames)):
+            return self.unet(sample.to(self.dtype), t, text).float()
+        if sampling.views:  # image layers see every frame; only the motion modules are windowed
+            with self.unet.frame_windows([(w, context.weights(len(w))) for w in windows]):
+                return self.unet(sample.to(self.dtype), t, text).float()
+        fused = WindowAccumulator.like(sample)
+        scale = self.unet.motion_scale
+        try:
+            for window in windows:
+                if isinstance(scale, torch.Tensor):  # a per-frame scale follows its frames
+                    self.unet.motion_scale = scale[window]
+                sub_text = window_text(text, window, sample.shape[0], frames)
+                out = self.unet(sample[:, :, window].to(self.dtype), t, sub_text)
+                fused.add(window, out.float(), context.weights(len(window), device=sample.device))
+        finally:
+            self.unet.motion_scale = scale
+        return fused.result()
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
         """(b, 4, f, h, w) latents -> (b, 3, f, H, W) float32 frames in [0, 1], on the CPU."""

@@ -34,7 +34,9 @@ class DataConfig:
         size = self.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or any(s % 8 for s in size):
-            raise ConfigError(f"data.sample_size must be one number or [W, H], multiples of 8: {size}")
+            raise ConfigError(
+                f"data.sample_size must be one number or [W, H], multiples of 8: {size}"
+            )
         object.__setattr__(self, "sample_size", size)
         sources = [s for s in (self.videos, self.csv, self.shards, self.cache) if s]
         if not sources:
@@ -52,7 +54,9 @@ class NoiseConfig:
 
     def __post_init__(self):
         if self.beta_schedule not in ("linear", "scaled_linear"):
-            raise ConfigError(f"noise.beta_schedule: {self.beta_schedule!r} (linear or scaled_linear)")
+            raise ConfigError(
+                f"noise.beta_schedule: {self.beta_schedule!r} (linear or scaled_linear)"
+            )
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"noise.prediction_type: {self.prediction_type!r}")
 
@@ -101,7 +105,9 @@ class Config:
     output_dir: str
     data: DataConfig
     motion_module: str | None = None  # start from / continue
-    motion_module_config: dict = field(default_factory=dict)  # from scratch: MotionModuleConfig fields
+    motion_module_config: dict = field(
+        default_factory=dict
+    )  # from scratch: MotionModuleConfig fields
     adapter: str | None = None
     adapter_scale: float = 1.0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -114,8 +120,12 @@ class Config:
 
 
 _NESTED = {
-    Config: {"data": DataConfig, "train": TrainConfig, "validation": ValidationConfig,
-             "checkpoint": CheckpointConfig},
+    Config: {
+        "data": DataConfig,
+        "train": TrainConfig,
+        "validation": ValidationConfig,
+        "checkpoint": CheckpointConfig,
+    },
     TrainConfig: {"noise": NoiseConfig},
 }
 
@@ -126,7 +136,9 @@ def _build(cls, data: Any, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+        )
     kwargs = {}
     for key, value in data.items():
         sub = _NESTED.get(cls, {}).get(key)

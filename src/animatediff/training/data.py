@@ -39,8 +39,10 @@ def _expand_braces(pattern: str) -> list[str]:
     if not m:
         return sorted(glob.glob(pattern)) or [pattern]
     lo, hi = m.group(1), m.group(2)
-    names = [pattern[: m.start()] + str(i).zfill(len(lo)) + pattern[m.end() :]
-             for i in range(int(lo), int(hi) + 1)]
+    names = [
+        pattern[: m.start()] + str(i).zfill(len(lo)) + pattern[m.end() :]
+        for i in range(int(lo), int(hi) + 1)
+    ]
     return [n for p in names for n in _expand_braces(p)]
 
 
@@ -136,9 +138,10 @@ class VideoClips(Dataset):
     def _read(self, clip: Clip, gen: torch.Generator) -> torch.Tensor:
         if clip.member is None:
             return self._read_file(clip.path, gen)
-        with tarfile.open(clip.path) as tar, tempfile.NamedTemporaryFile(
-            suffix=Path(clip.member).suffix
-        ) as tmp:
+        with (
+            tarfile.open(clip.path) as tar,
+            tempfile.NamedTemporaryFile(suffix=Path(clip.member).suffix) as tmp,
+        ):
             tmp.write(tar.extractfile(clip.member).read())
             tmp.flush()
             return self._read_file(tmp.name, gen)
@@ -152,7 +155,9 @@ class VideoClips(Dataset):
         stride = min(self.data.sample_stride, (total - 1) // (n - 1)) if n > 1 else 1
         span = (n - 1) * stride + 1
         start = int(torch.randint(0, total - span + 1, (1,), generator=gen))
-        video = read_video(path, start=start, num_frames=n, stride=stride, size=self.data.sample_size)
+        video = read_video(
+            path, start=start, num_frames=n, stride=stride, size=self.data.sample_size
+        )
         if self.data.hflip and torch.rand((), generator=gen) < 0.5:
             video = video.flip(-1)
         return video * 2 - 1
@@ -185,8 +190,12 @@ class EncodedClips(Dataset):
         with safe_open(self.files[sample_id % len(self.files)], "pt") as f:
             item = {k: f.get_tensor(k) for k in ("mean", "std")}
             caption = f.metadata().get("caption", "")
-        return {"latent_mean": item["mean"], "latent_std": item["std"], "caption": caption,
-                "skipped": []}
+        return {
+            "latent_mean": item["mean"],
+            "latent_std": item["std"],
+            "caption": caption,
+            "skipped": [],
+        }
 
 
 def collate_encoded(samples: list[dict]) -> dict:
@@ -196,4 +205,3 @@ def collate_encoded(samples: list[dict]) -> dict:
         "captions": [s["caption"] for s in samples],
         "skipped": [],
     }
-

@@ -29,6 +29,9 @@ def encode_dataset(config: Config, folder: str | Path, device: str = "cpu") -> i
         pixels = sample["pixels"].to(device)  # (3, f, H, W)
         dist = vae.encode(pixels.transpose(0, 1)).latent_dist  # frames as a batch
         mean, std = (t.transpose(0, 1).contiguous().cpu() for t in (dist.mean, dist.std))
-        save_state_dict({"mean": mean, "std": std}, folder / f"{i:06d}.safetensors",
-                        metadata={"caption": sample["caption"]})
+        save_state_dict(
+            {"mean": mean, "std": std},
+            folder / f"{i:06d}.safetensors",
+            metadata={"caption": sample["caption"]},
+        )
     return len(dataset)

@@ -13,8 +13,11 @@ from .config import NoiseConfig
 
 def make_noise_scheduler(noise: NoiseConfig) -> DDPMScheduler:
     """AnimateDiff's training schedule: `linear` betas 0.00085 -> 0.012 by default."""
-    config = {**ANIMATEDIFF_SCHEDULE, "beta_schedule": noise.beta_schedule,
-              "prediction_type": noise.prediction_type}
+    config = {
+        **ANIMATEDIFF_SCHEDULE,
+        "beta_schedule": noise.beta_schedule,
+        "prediction_type": noise.prediction_type,
+    }
     return DDPMScheduler(**config)
 
 
@@ -24,7 +27,9 @@ def sample_noise(shape: tuple[int, ...], generators: list[torch.Generator], offs
     if offset:
         # Offset noise: a per-channel constant shift, so the model can learn overall brightness.
         extra = (1,) * (len(shape) - 2)
-        noise += offset * torch.stack([torch.randn(shape[1], *extra, generator=g) for g in generators])
+        noise += offset * torch.stack(
+            [torch.randn(shape[1], *extra, generator=g) for g in generators]
+        )
     return noise
 
 

@@ -20,19 +20,32 @@ from ..lora import LoRASet, merge_lora
 from ..motion import MotionModuleConfig, MotionModules, MotionUNet
 from .config import Config, ConfigError
 
-SPATIAL_ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+SPATIAL_ATTENTION = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
 MOTION_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def spatial_attention_targets(unet: nn.Module) -> list[str]:
     """q/k/v/out of every attn1 and attn2 in the image UNet (the domain adapter's layers)."""
-    return [n for n, _ in unet.named_modules() if n.endswith(SPATIAL_ATTENTION) and ".attentions." in n]
+    return [
+        n for n, _ in unet.named_modules() if n.endswith(SPATIAL_ATTENTION) and ".attentions." in n
+    ]
 
 
 def motion_attention_targets(motion: MotionModules) -> list[str]:
-    return [n for n, _ in motion.named_modules()
-            if ".attention_blocks." in n and n.endswith(MOTION_ATTENTION)]
+    return [
+        n
+        for n, _ in motion.named_modules()
+        if ".attention_blocks." in n and n.endswith(MOTION_ATTENTION)
+    ]
 
 
 class TrainModel(nn.Module):
@@ -47,8 +60,11 @@ class TrainModel(nn.Module):
         self.lora: LoRASet | None = None
         self.video = config.stage in ("motion", "motion_lora")
         if config.adapter and config.stage in ("motion", "motion_lora"):
-            merge_lora(self.unet2d, attention_lora_pairs(self.unet2d, config.adapter, "domain adapter"),
-                       config.adapter_scale)
+            merge_lora(
+                self.unet2d,
+                attention_lora_pairs(self.unet2d, config.adapter, "domain adapter"),
+                config.adapter_scale,
+            )
         getattr(self, f"_build_{config.stage}")(config)
         self.motion_unet = MotionUNet(self.unet2d, self.motion) if self.video else None
 
@@ -109,19 +125,37 @@ class TrainModel(nn.Module):
     # -- results -------------------------------------------------------------------------------
     def save_results(self, folder: Path, config: Config, step: int) -> list[Path]:
         """Write what the stage produced, in the layouts `AnimationPipeline.load` reads."""
-        meta = {"animatediff.training_config": _json(config.to_dict()), "animatediff.step": str(step)}
+        meta = {
+            "animatediff.training_config": _json(config.to_dict()),
+            "animatediff.step": str(step),
+        }
         folder.mkdir(parents=True, exist_ok=True)
         if self.stage == "motion":
             return [
-                save_motion_module(self.motion, folder / "motion_module.safetensors", extra_metadata=meta),
-                save_motion_module(self.motion, folder / "motion_module_diffusers", layout="diffusers",
-                                   extra_metadata=meta),
+                save_motion_module(
+                    self.motion, folder / "motion_module.safetensors", extra_metadata=meta
+                ),
+                save_motion_module(
+                    self.motion,
+                    folder / "motion_module_diffusers",
+                    layout="diffusers",
+                    extra_metadata=meta,
+                ),
             ]
         if self.stage in ("motion_lora", "adapter"):
-            name = "motion_lora.safetensors" if self.stage == "motion_lora" else "domain_adapter.safetensors"
+            name = (
+                "motion_lora.safetensors"
+                if self.stage == "motion_lora"
+                else "domain_adapter.safetensors"
+            )
             layout = to_official_layout(self.lora.pairs())
-            return [save_state_dict({k: v.float().cpu() for k, v in layout.items()}, folder / name,
-                                    metadata={**meta, "animatediff.rank": str(config.train.rank)})]
+            return [
+                save_state_dict(
+                    {k: v.float().cpu() for k, v in layout.items()},
+                    folder / name,
+                    metadata={**meta, "animatediff.rank": str(config.train.rank)},
+                )
+            ]
         self.unet2d.save_pretrained(folder / "unet")
         return [folder / "unet"]
 

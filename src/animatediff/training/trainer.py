@@ -36,8 +36,9 @@ WEIGHTS_FILE = "trainable.safetensors"
 class StepSampler(Sampler):
     """Yields, for each micro-step from `start`, this process's sample ids of the global batch."""
 
-    def __init__(self, size: int, global_batch: int, rank: int, world: int, start: int, total: int,
-                 seed: int):
+    def __init__(
+        self, size: int, global_batch: int, rank: int, world: int, start: int, total: int, seed: int
+    ):
         self.size, self.global_batch, self.rank, self.world = size, global_batch, rank, world
         self.start, self.total, self.seed = start, total, seed
         self._perms: dict[int, list[int]] = {}
@@ -66,8 +67,10 @@ class StepSampler(Sampler):
 
 
 def _sample_generators(seed: int, micro_step: int, positions: range) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed((seed + 1) * 2_000_003 + micro_step * 65_537 + j)
-            for j in positions]
+    return [
+        torch.Generator().manual_seed((seed + 1) * 2_000_003 + micro_step * 65_537 + j)
+        for j in positions
+    ]
 
 
 class Trainer:
@@ -144,9 +147,15 @@ class Trainer:
     def _build_lr_scheduler(self):
         from diffusers.optimization import get_scheduler
 
-        name = {"constant": "constant_with_warmup"}.get(self.train.lr_scheduler, self.train.lr_scheduler)
-        return get_scheduler(name, self.optimizer, num_warmup_steps=self.train.warmup_steps,
-                             num_training_steps=self.train.steps)
+        name = {"constant": "constant_with_warmup"}.get(
+            self.train.lr_scheduler, self.train.lr_scheduler
+        )
+        return get_scheduler(
+            name,
+            self.optimizer,
+            num_warmup_steps=self.train.warmup_steps,
+            num_training_steps=self.train.steps,
+        )
 
     def _build_ema(self):
         if self.train.ema_decay is None:
@@ -163,22 +172,37 @@ class Trainer:
     def loader(self) -> DataLoader:
         acc = self.accelerator
         micro_start = self.step * self.train.gradient_accumulation
-        sampler = StepSampler(len(self.dataset), self.global_batch, acc.process_index,
-                              acc.num_processes, micro_start,
-                              self.train.steps * self.train.gradient_accumulation, self.train.seed)
-        return DataLoader(self.dataset, batch_sampler=sampler,
-                          collate_fn=collate_encoded if self.config.data.cache else collate,
-                          num_workers=self.config.data.num_workers,
-                          persistent_workers=False)
+        sampler = StepSampler(
+            len(self.dataset),
+            self.global_batch,
+            acc.process_index,
+            acc.num_processes,
+            micro_start,
+            self.train.steps * self.train.gradient_accumulation,
+            self.train.seed,
+        )
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=collate_encoded if self.config.data.cache else collate,
+            num_workers=self.config.data.num_workers,
+            persistent_workers=False,
+        )
 
     def fit(self) -> list[Path]:
         acc = self.accelerator
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
+            (self.out / "config.json").write_text(
+                json.dumps(self.config.to_dict(), indent=2, default=str)
+            )
         acc.init_trackers("train")
-        bar = tqdm(total=self.train.steps, initial=self.step, disable=not acc.is_main_process,
-                   desc=f"train {self.config.stage}")
+        bar = tqdm(
+            total=self.train.steps,
+            initial=self.step,
+            disable=not acc.is_main_process,
+            desc=f"train {self.config.stage}",
+        )
         micro = self.step * self.train.gradient_accumulation
         window_start, window_samples, losses = time.perf_counter(), 0, []
         previous = self._catch_signals()
@@ -243,8 +267,13 @@ class Trainer:
         with acc.accumulate(self.model):
             latents, text = self._encode(batch, gens)
             with acc.autocast():
-                loss = diffusion_loss(lambda x, t: self.model(x, t, text), latents,
-                                      self.noise_scheduler, self.train.noise, gens)
+                loss = diffusion_loss(
+                    lambda x, t: self.model(x, t, text),
+                    latents,
+                    self.noise_scheduler,
+                    self.train.noise,
+                    gens,
+                )
             acc.backward(loss)
             if acc.sync_gradients and self.train.max_grad_norm:
                 acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
@@ -269,8 +298,10 @@ class Trainer:
         latents = (mean + std * eps) * self.image.vae.config.scaling_factor
         if not self.model_video:
             latents = latents[:, :, 0]  # image stages: (b, c, h, w)
-        captions = [c if torch.rand((), generator=g) >= self.config.data.caption_dropout else ""
-                    for c, g in zip(batch["captions"], gens)]
+        captions = [
+            c if torch.rand((), generator=g) >= self.config.data.caption_dropout else ""
+            for c, g in zip(batch["captions"], gens)
+        ]
         from ..pipeline.prompt import encode_prompts
 
         text = encode_prompts(self.image.tokenizer, self.image.text_encoder, captions)
@@ -289,8 +320,13 @@ class Trainer:
 
     # -- logging, checkpoints, results -----------------------------------------------------------
     def _log(self, loss: float, rate: float, batch) -> None:
-        record = {"step": self.step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
-                  "samples_per_s": rate, "skipped": len(self.skipped)}
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "samples_per_s": rate,
+            "skipped": len(self.skipped),
+        }
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
         if self.accelerator.is_main_process:
             with (self.out / "metrics.jsonl").open("a") as f:
@@ -318,8 +354,10 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         model = acc.unwrap_model(self.model)
-        save_state_dict({k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()},
-                        tmp / WEIGHTS_FILE)
+        save_state_dict(
+            {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()},
+            tmp / WEIGHTS_FILE,
+        )
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -375,19 +413,31 @@ class Trainer:
         motion_unet = model.motion_unet
         temporary = None
         if motion_unet is None:  # image stages: frames without a motion module
-            cfg = MotionModuleConfig.preset("v3", block_out_channels=tuple(model.unet2d.config.block_out_channels))
-            temporary = motion_unet = MotionUNet(model.unet2d, MotionModules(cfg).to(self.accelerator.device))
+            cfg = MotionModuleConfig.preset(
+                "v3", block_out_channels=tuple(model.unet2d.config.block_out_channels)
+            )
+            temporary = motion_unet = MotionUNet(
+                model.unet2d, MotionModules(cfg).to(self.accelerator.device)
+            )
         was_training = model.training
         model.eval()
         pipe = AnimationPipeline(self.image, motion_unet)
         paths = []
         try:
             for i, prompt in enumerate(v.prompts):
-                video = pipe(prompt, num_frames=v.num_frames if model.video else 1,
-                             height=self.config.data.sample_size[1], width=self.config.data.sample_size[0],
-                             num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
-                             seed=v.seed + i, progress=False)
-                paths += video.save(self.out / "validation" / f"step-{self.step:08d}-{i}.gif", overwrite=True)
+                video = pipe(
+                    prompt,
+                    num_frames=v.num_frames if model.video else 1,
+                    height=self.config.data.sample_size[1],
+                    width=self.config.data.sample_size[0],
+                    num_inference_steps=v.steps,
+                    guidance_scale=v.guidance_scale,
+                    seed=v.seed + i,
+                    progress=False,
+                )
+                paths += video.save(
+                    self.out / "validation" / f"step-{self.step:08d}-{i}.gif", overwrite=True
+                )
         finally:
             if temporary is not None:
                 temporary.remove()
@@ -405,7 +455,9 @@ class Trainer:
         results = model.save_results(self.out, self.config, self.step)
         _plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         if self.skipped:
-            print(f"skipped {len(self.skipped)} unreadable or too-short videos; first: {self.skipped[0]}")
+            print(
+                f"skipped {len(self.skipped)} unreadable or too-short videos; first: {self.skipped[0]}"
+            )
         return results
 
 
@@ -431,10 +483,14 @@ def _plot_losses(metrics: Path, png: Path) -> None:
     losses = [r["loss"] for r in rows]
     lo, hi = min(losses), max(losses)
     span_x, span_y = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-12)
-    points = [(pad + (s - steps[0]) / span_x * (w - 2 * pad), h - pad - (v - lo) / span_y * (h - 2 * pad))
-              for s, v in zip(steps, losses)]
+    points = [
+        (pad + (s - steps[0]) / span_x * (w - 2 * pad), h - pad - (v - lo) / span_y * (h - 2 * pad))
+        for s, v in zip(steps, losses)
+    ]
     draw.rectangle([pad, pad, w - pad, h - pad], outline="gray")
     if len(points) > 1:
         draw.line(points, fill="blue", width=2)
-    draw.text((pad, 10), f"loss {lo:.4g} .. {hi:.4g}, steps {steps[0]} .. {steps[-1]}", fill="black")
+    draw.text(
+        (pad, 10), f"loss {lo:.4g} .. {hi:.4g}, steps {steps[0]} .. {steps[-1]}", fill="black"
+    )
     img.save(png)
