@@ -195,6 +195,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
         motion_module=str(motion_file),
         adapter=str(adapter_dir),
         motion_version=version,
+        motion_version_override=args.motion_version,
         latents=str(latents_path),
         out=str(work),
         latent_shape=list(shape),
@@ -301,7 +302,7 @@ def load_ours(spec: dict, device: str, dtype: torch.dtype):
     pipe = AnimationPipeline.load(
         base=spec["base"],
         motion_module=spec["motion_module"],
-        motion_version=spec["motion_version"],
+        motion_version=spec["motion_version_override"],
         device=device,
         dtype=dtype,
     )

@@ -6,6 +6,7 @@ forward is the noise prediction, so that data-parallel wrappers see every traina
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -46,6 +47,26 @@ def motion_attention_targets(motion: MotionModules) -> list[str]:
         for n, _ in motion.named_modules()
         if ".attention_blocks." in n and n.endswith(MOTION_ATTENTION)
     ]
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm from elementwise ops: the same result, and a backward that avoids PyTorch's
+    CPU GroupNorm backward kernel, which crashes (seen in 2.13) on some layouts."""
+    groups = x.reshape(x.shape[0], norm.num_groups, -1)
+    mean = groups.mean(-1, keepdim=True)
+    var = groups.var(-1, unbiased=False, keepdim=True)
+    out = ((groups - mean) * torch.rsqrt(var + norm.eps)).reshape(x.shape)
+    if norm.affine:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        out = out * norm.weight.view(shape) + norm.bias.view(shape)
+    return out
+
+
+def use_safe_groupnorm(model: nn.Module) -> None:
+    """On CPU, give every GroupNorm instance of `model` the elementwise forward above."""
+    for module in model.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.forward = functools.partial(_group_norm, module)
 
 
 class TrainModel(nn.Module):

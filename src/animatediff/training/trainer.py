@@ -27,7 +27,7 @@ from ..checkpoints.io import load_state_dict, save_state_dict
 from .config import Config, ConfigError
 from .data import EncodedClips, VideoClips, collate, collate_encoded, find_clips
 from .loss import diffusion_loss, make_noise_scheduler
-from .stages import TrainModel
+from .stages import TrainModel, use_safe_groupnorm
 
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -87,11 +87,9 @@ class Trainer:
             log_with=trackers or None,
             project_dir=str(self.out),
         )
-        if self.accelerator.device.type == "cpu":
-            # PyTorch's CPU GroupNorm backward crashes (seen in 2.13) on the channels-last
-            # gradients oneDNN's convolution backward can produce; the native kernels are safe.
-            torch.backends.mkldnn.enabled = False
         self.image, self.model = self._build_models()
+        if self.accelerator.device.type == "cpu":
+            use_safe_groupnorm(self.model)
         self.dataset = self._build_dataset()
         self.noise_scheduler = make_noise_scheduler(self.train.noise)
         self.optimizer = self._build_optimizer()
