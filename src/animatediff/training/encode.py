@@ -4,6 +4,7 @@ flip) is fixed at encoding time; the posterior is still sampled afresh at every 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -24,8 +25,13 @@ def encode_dataset(config: Config, folder: str | Path, device: str = "cpu") -> i
     frames = config.data.num_frames if config.stage in ("motion", "motion_lora") else 1
     dataset = VideoClips(find_clips(config.data), config.data, frames, config.train.seed)
     folder = Path(folder)
+    written = 0
     for i in tqdm(range(len(dataset)), desc="encoding"):
         sample = dataset[i]
+        if sample["skipped"]:  # clip i is unreadable; its stand-in is encoded at its own index
+            for problem in sample["skipped"]:
+                print(f"skipped {problem}", file=sys.stderr)
+            continue
         pixels = sample["pixels"].to(device)  # (3, f, H, W)
         dist = vae.encode(pixels.transpose(0, 1)).latent_dist  # frames as a batch
         mean, std = (t.transpose(0, 1).contiguous().cpu() for t in (dist.mean, dist.std))
@@ -34,4 +40,5 @@ def encode_dataset(config: Config, folder: str | Path, device: str = "cpu") -> i
             folder / f"{i:06d}.safetensors",
             metadata={"caption": sample["caption"]},
         )
-    return len(dataset)
+        written += 1
+    return written

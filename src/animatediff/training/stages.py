@@ -126,10 +126,7 @@ class TrainModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k in self._trainable_names()}
-
-    def _trainable_names(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         if on and self.stage in ("adapter", "image_finetune"):

@@ -76,6 +76,7 @@ def _sample_generators(seed: int, micro_step: int, positions: range) -> list[tor
 class Trainer:
     def __init__(self, config: Config, resume: bool = False):
         from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
         self.config = config
         self.out = Path(config.output_dir)
@@ -87,6 +88,9 @@ class Trainer:
             log_with=trackers or None,
             project_dir=str(self.out),
         )
+        # New trainable weights (LoRA, a new motion module) are drawn from the global RNG:
+        # seed it, so the seed alone decides the run, in every process.
+        set_seed(self.train.seed)
         self.image, self.model = self._build_models()
         if self.accelerator.device.type == "cpu":
             use_safe_groupnorm(self.model)
