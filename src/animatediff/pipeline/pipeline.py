@@ -154,7 +154,7 @@ class AnimationPipeline:
         fp32: SD1.5's VAE overflows in fp16."""
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
         for module, dt in ((self.text_encoder, dtype), (self.unet, dtype), (self.vae, vae_dtype)):
-            module.to(device=device, dtype=dt if dt != module.dtype else None)
+            module.to(device) if dt is None or dt == module.dtype else module.to(device, dt)
         for lora in self.motion_loras.values():
             lora.to(device=device)
         return self
