@@ -82,7 +82,10 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.train = config.train
         trackers = [t for t in config.report_to if t == "tensorboard" or _has_module(t)]
+        # torchrun on a machine without GPUs: one data-parallel run on gloo, not N separate ones.
+        cpu_world = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
+            cpu=cpu_world,
             mixed_precision=self.train.mixed_precision,
             gradient_accumulation_steps=self.train.gradient_accumulation,
             log_with=trackers or None,
