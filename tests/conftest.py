@@ -45,6 +45,14 @@ def pipeline_case_kwargs(name: str, ref_dir: Path = REF_DIR) -> dict:
             motion_module=ref_dir / "mm_v2.ckpt",
             loras=[(ref_dir / "kohya_lora.safetensors", 0.8)],
         ),
+        **{
+            f"v3_sparsectrl_{kind}": dict(
+                motion_module=ref_dir / "mm_v3.ckpt",
+                adapter=(ref_dir / "domain_adapter_v3.ckpt", 1.0),
+                sparsectrl=ref_dir / f"sparsectrl_{kind}.ckpt",
+            )
+            for kind in ("rgb", "scribble")
+        },
     }
     return dict(base=ref_dir / "base", **cases[name])
 

@@ -112,16 +112,24 @@ def test_motion_scale(pipe):
 
 
 PEAK = """
-import gc, json, resource, sys, psutil, torch
+import gc, json, sys, torch
 from animatediff import AnimationPipeline
+
+def high_water_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 pipe = AnimationPipeline.load()
 gc.collect()
-before = psutil.Process().memory_info().rss // 1024  # now, not the loading's high-water mark
+# Reset the kernel's peak-RSS mark so loading's high-water mark does not hide the sampling's.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = high_water_kib()
 pipe("a red circle", num_frames=int(sys.argv[1]), height=128, width=128, num_inference_steps=1,
      guidance_scale=1.0, progress=False, seed=0, output_type="latents",
      context_length=None if sys.argv[2] == "none" else 16)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_kib": max(after - before, 1)}))
+print(json.dumps({"peak_kib": max(high_water_kib() - before, 1)}))
 """
 
 
@@ -136,6 +144,9 @@ def _peak(frames: int, context: str, env) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
 
 
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/clear_refs"), reason="needs Linux peak-RSS reset"
+)
 def test_peak_memory_is_bounded_by_the_window(tmp_path_factory, pipe):
     env = {
         **os.environ,
@@ -146,6 +157,7 @@ def test_peak_memory_is_bounded_by_the_window(tmp_path_factory, pipe):
     sixteen = _peak(16, "16", env)
     windowed = _peak(64, "16", env)
     whole = _peak(64, "none", env)
+    print({"16": sixteen, "64 windowed": windowed, "64 whole": whole})
     assert windowed <= 1.5 * sixteen, (sixteen, windowed)
-    # The measurement can tell them apart: all 64 frames at once cost about twice as much.
-    assert whole > 1.7 * sixteen, (sixteen, whole)
+    # The measurement can tell them apart: all 64 frames at once cost about three times as much.
+    assert whole > 2 * sixteen, (sixteen, whole)

@@ -792,7 +792,10 @@ def test_two_processes_match_one(data: Data, one_process_run: Path, tmp_path: Pa
         "train",
         str(cfg_file),
     ]
-    proc = _finish(_launch(cmd, tmp_path, ACCELERATE_USE_CPU="true"))
+    # A stuck worker prints every thread's stack and exits instead of hanging the test.
+    proc = _finish(
+        _launch(cmd, tmp_path, ACCELERATE_USE_CPU="true", ANIMATEDIFF_TRACEBACK_AFTER="300")
+    )
     assert proc.returncode == 0, describe(proc)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, MULTI_STEPS + 1)), "one writer, a line a step"
@@ -824,7 +827,7 @@ def test_torchrun_on_cpu_is_one_distributed_run(data: Data, tmp_path: Path):
         str(write_yaml(tmp_path / "cfg.yaml", cfg)),
     ]
     env = {} if torch.cuda.is_available() else {"CUDA_VISIBLE_DEVICES": ""}
-    proc = _finish(_launch(cmd, tmp_path, **env))
+    proc = _finish(_launch(cmd, tmp_path, ANIMATEDIFF_TRACEBACK_AFTER="300", **env))
     if proc.returncode == 0:
         steps = [r["step"] for r in read_metrics(out)]
         assert steps == [1], f"{len(steps)} processes each trained alone: metrics steps {steps}"
@@ -859,7 +862,7 @@ def test_readme_cpu_launch_command_runs_two_processes(
     cfg_file = write_yaml(tmp_path / "cfg.yaml", _multi_config(out, data, batch_size=1))
     argv = [str(cfg_file) if w == "motion.yaml" else w for w in argv]
     assert str(cfg_file) in argv, argv
-    proc = _finish(_launch(argv, tmp_path, **env))
+    proc = _finish(_launch(argv, tmp_path, ANIMATEDIFF_TRACEBACK_AFTER="300", **env))
     assert proc.returncode == 0, describe(proc)
     _compare_with_one_process(
         one_process_run, out, f"the README's `{shlex.join(argv)}` (did it start 2 processes?)"

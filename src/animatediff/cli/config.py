@@ -46,13 +46,25 @@ SAMPLING_KEYS = {
     "freeinit_iterations",
     "motion_scale",
 }
-# Keys of official configs for features handled elsewhere or not at all; accepted with a note.
-IGNORED_KEYS = {
-    "controlnet_path",
-    "controlnet_config",
-    "controlnet_images",
-    "controlnet_image_indexs",
+# Control and init inputs, spelled as the pipeline's keyword arguments (paths relative to the
+# working directory or to the config's folder).
+INPUT_KEYS = {
+    "control_images",
+    "control_frames",
+    "control_scale",
+    "control_sample",
+    "init_image",
+    "init_video",
+    "strength",
 }
+# The official SparseCtrl keys (configs/prompts/v3/*.yaml); `controlnet_config` is not needed:
+# the encoder's kind (RGB or scribble) is read from the file.
+OFFICIAL_SPARSECTRL = {
+    "controlnet_path": "sparsectrl",
+    "controlnet_images": "control_images",
+    "controlnet_image_indexs": "control_frames",
+}
+MODEL_KEYS = {"sparsectrl", "controlnets", "controlnet_config"}
 
 
 class ConfigError(ValueError):
@@ -77,9 +89,12 @@ class Run:
     guidance_scale: float = 7.5
     width: int | None = None  # None: the model's native size
     height: int | None = None
-    num_frames: int = 16
+    num_frames: int | None = 16  # None: the init video's length
     num_videos: int = 1
     sampling: dict = field(default_factory=dict)  # context windows, FreeInit, ... (pipeline kwargs)
+    sparsectrl: str | None = None
+    controlnets: list[dict] = field(default_factory=list)  # {path, images, scale, start, end}
+    inputs: dict = field(default_factory=dict)  # control images, init image/video (pipeline kwargs)
 
     def model_key(self) -> tuple:
         """Runs with the same key share a loaded pipeline."""
@@ -90,7 +105,19 @@ class Run:
             tuple(self.motion_loras),
             self.adapter,
             self.motion_version,
+            self.sparsectrl,
+            tuple(c["path"] for c in self.controlnets),
         )
+
+    def call_kwargs(self) -> dict:
+        """The pipeline's keyword arguments for this run's control and init inputs."""
+        kwargs = dict(self.inputs)
+        if self.controlnets:
+            kwargs["controlnet_images"] = [c["images"] for c in self.controlnets]
+            for key in ("scale", "start", "end"):
+                default = 0.0 if key == "start" else 1.0
+                kwargs[f"controlnet_{key}"] = [float(c.get(key, default)) for c in self.controlnets]
+        return kwargs
 
 
 def _path(value: str | None, root: Path) -> str | None:
@@ -153,15 +180,11 @@ def load_runs(path: str | Path, base_seed: int | None = None) -> list[Run]:
 
 
 def _entry_runs(name: str, e: dict, root: Path, path: Path) -> list[Run]:
-    unknown = set(e) - KNOWN_KEYS - IGNORED_KEYS - SAMPLING_KEYS - {"prompt_map"}
+    known = KNOWN_KEYS | SAMPLING_KEYS | INPUT_KEYS | MODEL_KEYS | set(OFFICIAL_SPARSECTRL)
+    unknown = set(e) - known - {"prompt_map"}
     if unknown:
         warnings.warn(
             f"{path}: entry {name}: ignoring unknown keys {sorted(unknown)}", stacklevel=2
-        )
-    if set(e) & IGNORED_KEYS:
-        warnings.warn(
-            f"{path}: entry {name}: ControlNet keys are not used by `generate --config`",
-            stacklevel=2,
         )
     if "motion_module" not in e or not ("prompt" in e or "prompt_map" in e):
         raise ConfigError(
@@ -188,8 +211,9 @@ def _entry_runs(name: str, e: dict, root: Path, path: Path) -> list[Run]:
         guidance_scale=float(e.get("guidance_scale", 7.5)),
         width=int(e.get("W", 512)),
         height=int(e.get("H", 512)),
-        num_frames=int(e.get("L", 16)),
+        num_frames=int(e["L"]) if "L" in e else (None if "init_video" in e else 16),
         sampling={k: e[k] for k in SAMPLING_KEYS if k in e},
+        **_control(e, root, f"{path}: entry {name}"),
     )
     runs = []
     for module in _as_list(e["motion_module"]):
@@ -206,3 +230,35 @@ def _entry_runs(name: str, e: dict, root: Path, path: Path) -> list[Run]:
                 )
             )
     return runs
+
+
+def _paths(value, root: Path):
+    return [_path(v, root) for v in value] if isinstance(value, list) else _path(value, root)
+
+
+def _control(e: dict, root: Path, where: str) -> dict:
+    """SparseCtrl, ControlNet and init settings of one entry (official keys included)."""
+    e = dict(e)
+    if "controlnet_images" in e and "controlnet_path" not in e:
+        raise ConfigError(
+            f"{where}: controlnet_images is the official SparseCtrl key (with controlnet_path); "
+            "standard ControlNets go in controlnets: [{path, images, scale, start, end}]"
+        )
+    for official, ours in OFFICIAL_SPARSECTRL.items():
+        if official in e:
+            e.setdefault(ours, e.pop(official))
+    inputs = {k: e[k] for k in INPUT_KEYS if k in e}
+    for key in ("control_images", "init_image", "init_video"):
+        if key in inputs:
+            inputs[key] = _paths(inputs[key], root)
+    controlnets = []
+    for c in e.get("controlnets") or []:
+        if not isinstance(c, dict) or not {"path", "images"} <= set(c):
+            raise ConfigError(f"{where}: each of controlnets needs path and images, got {c!r}")
+        extra = set(c) - {"path", "images", "scale", "start", "end"}
+        if extra:
+            raise ConfigError(f"{where}: unknown controlnets keys {sorted(extra)}")
+        controlnets.append(
+            {**c, "path": _path(c["path"], root), "images": _paths(c["images"], root)}
+        )
+    return dict(sparsectrl=_path(e.get("sparsectrl"), root), controlnets=controlnets, inputs=inputs)

@@ -7,6 +7,7 @@ User mistakes (missing files, bad sizes, unknown names, bad syntax) print one li
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import re
@@ -53,7 +54,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--motion-lora", action="append", default=[], metavar="PATH[:STRENGTH]")
     p.add_argument("--adapter", metavar="PATH[:SCALE]", help="v3 domain adapter")
     p.add_argument("--negative-prompt", "-n", default="")
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--frames", type=int, help="default: 16, or the --init-video's length")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int, default=25)
@@ -88,6 +89,29 @@ def _add_generate(sub) -> None:
     g.add_argument("--freenoise", action="store_true", help="FreeNoise noise rescheduling")
     g.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit iterations")
     g.add_argument("--motion-scale", type=float, default=1.0)
+    c = p.add_argument_group("control, img2vid and vid2vid")
+    c.add_argument("--sparsectrl", metavar="PATH", help="SparseCtrl encoder (RGB or scribble)")
+    c.add_argument(
+        "--control-images",
+        nargs="+",
+        metavar="PATH",
+        help="SparseCtrl keyframes (images or a video)",
+    )
+    c.add_argument("--control-frames", nargs="+", type=int, metavar="N", help="their frame indices")
+    c.add_argument("--control-scale", type=float, default=1.0)
+    c.add_argument("--controlnet", action="append", default=[], metavar="PATH[:SCALE]")
+    c.add_argument(
+        "--controlnet-images",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a video or folder of frames, one per --controlnet",
+    )
+    c.add_argument("--controlnet-start", action="append", type=float, metavar="FRACTION")
+    c.add_argument("--controlnet-end", action="append", type=float, metavar="FRACTION")
+    c.add_argument("--init-image", metavar="PATH", help="img2vid: start from this image")
+    c.add_argument("--init-video", metavar="PATH", help="vid2vid: start from this video")
+    c.add_argument("--strength", type=float, default=0.8, help="how far the init is noised (0-1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +177,7 @@ def _check_sizes(args) -> None:
             raise UsageError(
                 f"--{name} {value} is not a positive multiple of 8 (try {max(8, value // 8 * 8)})"
             )
-    if args.frames < 1 or args.steps < 1 or args.num_videos < 1:
+    if (args.frames is not None and args.frames < 1) or args.steps < 1 or args.num_videos < 1:
         raise UsageError("--frames, --steps and --num-videos must be at least 1")
     from ..pipeline.schedulers import SCHEDULERS
 
@@ -178,6 +202,8 @@ def _load(args, run):
         ("--lora", [p for p, _ in run.loras]),
         ("--motion-lora", [p for p, _ in run.motion_loras]),
         ("--adapter", [run.adapter[0]] if run.adapter else []),
+        ("--sparsectrl", [run.sparsectrl]),
+        ("--controlnet", [c["path"] for c in run.controlnets]),
     ):
         for path in paths:
             _existing(path, flag)
@@ -191,6 +217,8 @@ def _load(args, run):
         adapter=run.adapter,
         motion_version=run.motion_version or args.motion_version,
         lora_scaling=args.lora_scaling,
+        sparsectrl=run.sparsectrl,
+        controlnets=[c["path"] for c in run.controlnets] or None,
         scheduler=args.scheduler,
         dtype=_dtype(args.dtype, device),
         device=device,
@@ -268,7 +296,60 @@ def _run_from_args(args) -> Run:
         num_frames=args.frames,
         num_videos=args.num_videos,
         sampling=_sampling_from_args(args),
+        sparsectrl=args.sparsectrl,
+        controlnets=_controlnets_from_args(args),
+        inputs=_inputs_from_args(args),
     )
+
+
+def _inputs_from_args(args) -> dict:
+    inputs = {}
+    if args.control_images:
+        for path in args.control_images:
+            _existing(path, "--control-images")
+        images = args.control_images
+        inputs.update(
+            control_images=images[0] if len(images) == 1 else images,
+            control_frames=args.control_frames,
+            control_scale=args.control_scale,
+        )
+    elif args.control_frames:
+        raise UsageError("--control-frames needs --control-images")
+    for flag, key in (("--init-image", "init_image"), ("--init-video", "init_video")):
+        if getattr(args, key):
+            inputs[key] = _existing(getattr(args, key), flag)
+            inputs["strength"] = args.strength
+    return inputs
+
+
+def _controlnets_from_args(args) -> list[dict]:
+    nets, images = args.controlnet, args.controlnet_images
+    if len(images) != len(nets):
+        raise UsageError(
+            f"{len(nets)} --controlnet but {len(images)} --controlnet-images (one each)"
+        )
+
+    def each(values, default, flag):
+        values = values or [default]
+        if len(values) not in (1, len(nets)):
+            raise UsageError(f"give {flag} once or once per --controlnet")
+        return values * len(nets) if len(values) == 1 else values
+
+    starts = each(args.controlnet_start, 0.0, "--controlnet-start")
+    ends = each(args.controlnet_end, 1.0, "--controlnet-end")
+    controlnets = []
+    for net, frames, start, end in zip(nets, images, starts, ends):
+        path, scale = path_strength(net)
+        controlnets.append(
+            dict(
+                path=path,
+                images=_existing(frames, "--controlnet-images"),
+                scale=scale,
+                start=start,
+                end=end,
+            )
+        )
+    return controlnets
 
 
 def cmd_generate(args) -> None:
@@ -305,6 +386,7 @@ def cmd_generate(args) -> None:
             num_videos_per_prompt=run.num_videos,
             fps=args.fps,
             **{**_sampling_from_args(args), **run.sampling},
+            **run.call_kwargs(),
         )
         _save(video, output, args, pipe.sources)
 
@@ -370,6 +452,10 @@ def _quiet_libraries() -> None:
 def cmd_train(args) -> None:
     from ..training import load_config, train
 
+    if os.environ.get("ANIMATEDIFF_TRACEBACK_AFTER"):  # diagnose a stuck run: stacks, then exit
+        faulthandler.dump_traceback_later(
+            float(os.environ["ANIMATEDIFF_TRACEBACK_AFTER"]), exit=True
+        )
     if args.encode:
         from ..training.encode import encode_dataset
 

@@ -24,6 +24,7 @@ class MotionModuleConfig:
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2
     mid_block: bool = False
+    up_blocks: bool = True  # SparseCtrl's encoder has motion modules in its down blocks only
     num_attention_heads: int = 8
     num_transformer_blocks: int = 1
     attention_block_types: tuple[str, ...] = ("Temporal_Self", "Temporal_Self")

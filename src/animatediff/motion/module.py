@@ -165,7 +165,9 @@ class MotionModules(nn.Module):
         n = config.layers_per_block
         self.down_blocks = nn.ModuleList(MotionBlock(c, n, config) for c in channels)
         self.mid_block = MotionBlock(channels[-1], 1, config) if config.mid_block else None
-        self.up_blocks = nn.ModuleList(MotionBlock(c, n + 1, config) for c in reversed(channels))
+        self.up_blocks = nn.ModuleList(
+            MotionBlock(c, n + 1, config) for c in (reversed(channels) if config.up_blocks else ())
+        )
 
     def named_temporal_modules(self) -> list[tuple[str, TemporalModule]]:
         return [(name, m) for name, m in self.named_modules() if isinstance(m, TemporalModule)]

@@ -21,13 +21,13 @@ from .config import MotionModuleConfig
 from .module import MotionModules, TemporalModule
 
 
-def _fold(x: torch.Tensor) -> torch.Tensor:
+def fold_frames(x: torch.Tensor) -> torch.Tensor:
     """b c f h w -> (b f) c h w"""
     b, c, f, h, w = x.shape
     return x.transpose(1, 2).reshape(b * f, c, h, w)
 
 
-def _unfold(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+def unfold_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(b f) c h w -> b c f h w"""
     bf, c, h, w = x.shape
     return x.view(bf // num_frames, num_frames, c, h, w).transpose(1, 2)
@@ -81,7 +81,7 @@ class MotionUNet(nn.Module):
         pairs = list(zip(self.unet.down_blocks, self.motion.down_blocks))
         if self.motion.mid_block is not None:
             pairs.append((self.unet.mid_block, self.motion.mid_block))
-        pairs += list(zip(self.unet.up_blocks, self.motion.up_blocks))
+        pairs += list(zip(self._host_blocks("up_blocks"), self.motion.up_blocks))
         for block, motion_block in pairs:
             attentions = getattr(block, "attentions", None)
             layers = attentions if attentions else block.resnets
@@ -96,9 +96,11 @@ class MotionUNet(nn.Module):
                 f"UNet block_out_channels {tuple(unet.config.block_out_channels)} != "
                 f"motion module {cfg.block_out_channels}"
             )
+        if len(self.motion.up_blocks) not in (0, len(self._host_blocks("up_blocks"))):
+            problems.append("the motion module has up-block modules but the model has no up blocks")
         for name, blocks, motion_blocks in (
             ("down", unet.down_blocks, self.motion.down_blocks),
-            ("up", unet.up_blocks, self.motion.up_blocks),
+            ("up", self._host_blocks("up_blocks"), self.motion.up_blocks),
         ):
             for i, (block, mb) in enumerate(zip(blocks, motion_blocks)):
                 if len(block.resnets) != len(mb.motion_modules):
@@ -120,10 +122,15 @@ class MotionUNet(nn.Module):
                 self._handles.append(norm.register_forward_pre_hook(self._gn_pre))
                 self._handles.append(norm.register_forward_hook(self._gn_post))
 
+    def _host_blocks(self, name: str) -> list[nn.Module]:
+        """A block list of the host model; a ControlNet encoder has no up blocks."""
+        return list(getattr(self.unet, name, None) or [])
+
     def _video_groupnorms(self) -> list[nn.GroupNorm]:
         """The norms that v1's UNet3D applies over all frames of a video at once."""
-        norms = [self.unet.conv_norm_out]
-        for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
+        norms: list = [getattr(self.unet, "conv_norm_out", None)]
+        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self._host_blocks("up_blocks")]
+        for block in blocks:
             for resnet in block.resnets:
                 norms += [resnet.norm1, resnet.norm2]
         return [n for n in norms if isinstance(n, nn.GroupNorm)]
@@ -171,23 +178,23 @@ class MotionUNet(nn.Module):
     def _windowed(self, module: TemporalModule, x: torch.Tensor) -> torch.Tensor:
         from ..pipeline.context import WindowAccumulator
 
-        video = _unfold(x, self._num_frames)
+        video = unfold_frames(x, self._num_frames)
         fused = WindowAccumulator.like(video)
         for indices, weights in self._windows:
-            part = module(_fold(video[:, :, indices]), len(indices))
-            fused.add(indices, _unfold(part, len(indices)), weights)
-        return _fold(fused.result().to(x.dtype))
+            part = module(fold_frames(video[:, :, indices]), len(indices))
+            fused.add(indices, unfold_frames(part, len(indices)), weights)
+        return fold_frames(fused.result().to(x.dtype))
 
     def _gn_pre(self, norm, args):
         if self._num_frames is None:
             return None
         x = args[0]
-        return (_unfold(x, self._num_frames).contiguous(),)
+        return (unfold_frames(x, self._num_frames).contiguous(),)
 
     def _gn_post(self, norm, args, output):
         if self._num_frames is None:
             return None
-        return _fold(output)
+        return fold_frames(output)
 
     def remove(self) -> UNet2DConditionModel:
         """Detach the motion modules; returns the 2D UNet exactly as it was before."""
@@ -197,6 +204,18 @@ class MotionUNet(nn.Module):
         return self.unet
 
     # -- forward -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def video(self, num_frames: int):
+        """Within the block, calls of the host model on `(b f) c h w` inputs run the motion
+        modules over `num_frames` frames (used to run a ControlNet encoder host)."""
+        if not self._handles:
+            raise RuntimeError("motion modules were removed from this model")
+        self._num_frames = num_frames
+        try:
+            yield
+        finally:
+            self._num_frames = None
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -209,16 +228,24 @@ class MotionUNet(nn.Module):
         Extra keyword arguments (e.g. ControlNet residuals, already folded per frame) go to the
         2D UNet unchanged.
         """
-        if not self._handles:
-            raise RuntimeError("motion modules were removed from this UNet")
         b, _, f, _, _ = sample.shape
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        if timestep.ndim == 1 and timestep.shape[0] == b:
-            timestep = timestep.repeat_interleave(f)
-        text = _per_frame(encoder_hidden_states, b, f)
-        self._num_frames = f
-        try:
-            out = self.unet(_fold(sample), timestep, text, return_dict=False, **unet_kwargs)[0]
-        finally:
-            self._num_frames = None
-        return _unfold(out, f)
+        timestep, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device)
+        with self.video(f):
+            out = self.unet(fold_frames(sample), timestep, text, return_dict=False, **unet_kwargs)[
+                0
+            ]
+        return unfold_frames(out, f)
+
+
+def per_frame_inputs(
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    batch: int,
+    num_frames: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timestep and text for frames folded into the batch."""
+    timestep = torch.as_tensor(timestep, device=device)
+    if timestep.ndim == 1 and timestep.shape[0] == batch:
+        timestep = timestep.repeat_interleave(num_frames)
+    return timestep, _per_frame(encoder_hidden_states, batch, num_frames)

@@ -20,11 +20,21 @@ from tqdm.auto import tqdm
 from ..checkpoints.adapters import apply_image_lora, attention_lora_pairs
 from ..checkpoints.base import ImageModel, load_base, load_single_file, load_vae_file
 from ..checkpoints.motion import load_motion_module
+from ..control import (
+    ControlNetInput,
+    SparseCtrlInput,
+    load_controlnet,
+    load_sparsectrl,
+    sparse_condition,
+    total_residuals,
+)
 from ..lora import LoRASet, merge_lora
 from ..motion.module import MotionModules
 from ..motion.unet import MotionUNet
+from ..vae import decode_latents, encode_frames
 from ..video import Video
 from .context import ContextOptions, WindowAccumulator, context_windows, window_text
+from .inputs import FramesLike, as_frames, as_image
 from .noise import FREEINIT_DEFAULTS, freeinit_reinit, freenoise_latents, freq_filter
 from .prompt import encode_prompts
 from .schedulers import make_scheduler
@@ -45,6 +55,8 @@ class Sampling:
     views: bool
     progress: bool
     generator: torch.Generator | None
+    controls: tuple = ()  # SparseCtrlInput / ControlNetInput, their residuals summed
+    start_step: int = 0  # > 0 when denoising an init image or video from a strength
 
 
 def _jsonable(value):
@@ -85,6 +97,8 @@ class AnimationPipeline:
         self.scheduler_name = scheduler
         self.scheduler = make_scheduler(scheduler)
         self.motion_loras: dict[str, LoRASet] = {}
+        self.sparsectrl = None
+        self.controlnets: list = []
         self.sources: dict[str, object] = {}
 
     # -- loading -----------------------------------------------------------------------------
@@ -100,6 +114,8 @@ class AnimationPipeline:
         adapter=None,
         motion_version: str | None = None,
         lora_scaling: str = "kohya",
+        sparsectrl: str | Path | None = None,
+        controlnets: Sequence[str | Path] | str | Path | None = None,
         scheduler: str = "ddim",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
@@ -112,7 +128,8 @@ class AnimationPipeline:
         encoder. loras: `[(path, strength), ...]` image LoRAs (kohya or diffusers), merged with
         `lora_scaling` ("kohya": alpha / rank, the default; "official": alpha ignored).
         motion_loras: `[(path, strength), ...]`, attached removably. adapter: `(path, scale)`,
-        the v3 domain adapter, merged.
+        the v3 domain adapter, merged. sparsectrl: a SparseCtrl encoder file (RGB or scribble).
+        controlnets: SD1.5 ControlNets (diffusers folders, hub ids or single files).
         """
         if base is None:
             from ..builtin import builtin_model
@@ -147,14 +164,24 @@ class AnimationPipeline:
         )
         for path, strength in _strength_pairs(motion_loras):
             pipe.add_motion_lora(path, strength)
+        if sparsectrl is not None:
+            pipe.sparsectrl = load_sparsectrl(sparsectrl, image.unet)
+            pipe.sources["sparsectrl"] = str(sparsectrl)
+        if controlnets is not None:
+            paths = [controlnets] if isinstance(controlnets, (str, Path)) else list(controlnets)
+            pipe.controlnets = [load_controlnet(p, image.unet) for p in paths]
+            pipe.sources["controlnets"] = [str(p) for p in paths]
         return pipe.to(device, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """Move; `dtype` applies to UNet, motion modules and text encoder. In fp16 the VAE stays
         fp32: SD1.5's VAE overflows in fp16."""
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        for module, dt in ((self.text_encoder, dtype), (self.unet, dtype), (self.vae, vae_dtype)):
-            module.to(device) if dt is None or dt == module.dtype else module.to(device, dt)
+        modules = [(self.text_encoder, dtype), (self.unet, dtype), (self.vae, vae_dtype)]
+        modules += [(m, dtype) for m in [self.sparsectrl, *self.controlnets] if m is not None]
+        for module, dt in modules:
+            current = next(module.parameters()).dtype
+            module.to(device) if dt is None or dt == current else module.to(device, dt)
         for lora in self.motion_loras.values():
             lora.to(device=device)
         return self
@@ -271,7 +298,7 @@ class AnimationPipeline:
         self,
         prompt: Prompt,
         negative_prompt: Prompt | None = None,
-        num_frames: int = 16,
+        num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 25,
@@ -296,6 +323,17 @@ class AnimationPipeline:
         freeinit_iterations: int = 0,
         freeinit_filter: str = "butterworth",
         motion_scale: float | Sequence[float] = 1.0,
+        control_images: FramesLike | None = None,
+        control_frames: Sequence[int] | None = None,
+        control_scale: float = 1.0,
+        control_sample: bool = False,
+        controlnet_images: FramesLike | Sequence[FramesLike] | None = None,
+        controlnet_scale: float | Sequence[float] = 1.0,
+        controlnet_start: float | Sequence[float] = 0.0,
+        controlnet_end: float | Sequence[float] = 1.0,
+        init_image: FramesLike | None = None,
+        init_video: FramesLike | None = None,
+        strength: float = 0.8,
         output_type: str = "video",
     ) -> Video | torch.Tensor:
         """Generate `len(prompt) * num_videos_per_prompt` videos of `num_frames` frames.
@@ -307,8 +345,16 @@ class AnimationPipeline:
         denoised in overlapping windows (`context_*`; `None` samples all frames at once;
         `context_views` windows only the motion modules). `freenoise` reschedules the noise
         of later windows; `freeinit_iterations` > 0 enables FreeInit; `motion_scale` scales the
-        motion modules' effect (a number, or one per frame). `output_type="latents"` returns
-        the denoised latents (b, 4, f, h/8, w/8) instead of decoding them.
+        motion modules' effect (a number, or one per frame).
+
+        Control (images: a tensor (b, 3, k, H, W) or (3, k, H, W) in [0, 1], PIL images, a
+        `Video` or a path): SparseCtrl keyframes `control_images` at `control_frames` with
+        `control_scale` (RGB keyframes VAE-encoded, posterior mean unless `control_sample`);
+        for each loaded ControlNet, `controlnet_images` (one frame per video frame) with its
+        `controlnet_scale`/`_start`/`_end` (a number for all, or one each). `init_image`
+        (img2vid) or `init_video` (vid2vid; `num_frames` defaults to its length) is encoded and
+        noised to `strength` (0 keeps it, 1 ignores it). `output_type="latents"` returns the
+        denoised latents (b, 4, f, h/8, w/8) instead of decoding them.
         """
         if output_type not in ("video", "latents"):
             raise ValueError(f"output_type must be 'video' or 'latents', not {output_type!r}")
@@ -316,6 +362,17 @@ class AnimationPipeline:
         width = width or self.default_size
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if init_image is not None and init_video is not None:
+            raise ValueError("give init_image or init_video, not both")
+        init_frames = None
+        if init_image is not None or init_video is not None:
+            init_frames = (
+                as_image(init_image, height, width, "init_image")
+                if init_video is None
+                else as_frames(init_video, height, width, "init_video")
+            )
+        if num_frames is None:
+            num_frames = init_frames.shape[2] if init_video is not None else 16
         travel = isinstance(prompt, Mapping)
         videos = num_videos_per_prompt * (1 if travel else len(_as_list(prompt)))
         seed = secrets.randbelow(2**31) if seed is None and latents is None else seed
@@ -343,13 +400,50 @@ class AnimationPipeline:
         noise = self.initial_noise(videos, num_frames, height, width, generator, latents)
         if freenoise and context is not None:
             noise = freenoise_latents(noise, context_length, context_overlap, generator)
+        controls = self._sparsectrl_inputs(
+            control_images,
+            control_frames,
+            control_scale,
+            control_sample,
+            num_frames,
+            height,
+            width,
+            generator,
+        ) + self._controlnet_inputs(
+            controlnet_images,
+            controlnet_scale,
+            controlnet_start,
+            controlnet_end,
+            num_frames,
+            height,
+            width,
+        )
+        start_step = 0
+        if init_frames is not None:
+            if freeinit_iterations:
+                raise ValueError(
+                    "FreeInit re-draws the initial noise; not with an init image/video"
+                )
+            start_step = self.start_step(sched, num_inference_steps, strength)
         sampling = Sampling(
-            sched, num_inference_steps, guidance_scale, context, context_views, progress, generator
+            sched,
+            num_inference_steps,
+            guidance_scale,
+            context,
+            context_views,
+            progress,
+            generator,
+            tuple(controls),
+            start_step,
         )
         with self._motion_scale(motion_scale):
-            latents = self.sample_with_freeinit(
-                noise, text, sampling, freeinit_iterations, freeinit_filter
-            )
+            if init_frames is None:
+                latents = self.sample_with_freeinit(
+                    noise, text, sampling, freeinit_iterations, freeinit_filter
+                )
+            else:
+                init = self.init_latents(init_frames, videos, num_frames, decode_chunk_size)
+                latents = self.denoise(self.noised(init, noise, sampling), text, sampling)
         if output_type == "latents":
             return latents
         frames = self.decode(latents, decode_chunk_size)
@@ -372,8 +466,110 @@ class AnimationPipeline:
             freenoise=freenoise,
             freeinit_iterations=freeinit_iterations,
             motion_scale=_jsonable(motion_scale),
+            control_frames=None if control_images is None else list(control_frames),
+            control_scale=None if control_images is None else control_scale,
+            strength=None if init_frames is None else strength,
         )
         return Video(frames, fps=fps, info=info)
+
+    # -- control and init ----------------------------------------------------------------------
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def _sparsectrl_inputs(
+        self, images, frames, scale, sample, num_frames, height, width, generator
+    ) -> list[SparseCtrlInput]:
+        if images is None:
+            return []
+        if self.sparsectrl is None:
+            raise ValueError("control_images need a SparseCtrl encoder: load(..., sparsectrl=PATH)")
+        images = as_frames(images, height, width, "control_images")
+        frames = list(range(images.shape[2])) if frames is None else list(frames)
+        condition = sparse_condition(
+            self.sparsectrl,
+            images.to(self.device),
+            frames,
+            num_frames,
+            self.vae,
+            self._latent_size(height, width),
+            sample_posterior=sample,
+            generator=generator,
+        )
+        return [SparseCtrlInput(self.sparsectrl, condition, scale)]
+
+    def _controlnet_inputs(
+        self, images, scales, starts, ends, num_frames, height, width
+    ) -> list[ControlNetInput]:
+        if images is None:
+            return []
+        n = len(self.controlnets)
+        if n == 0:
+            raise ValueError("controlnet_images need ControlNets: load(..., controlnets=[...])")
+        per_net = (
+            list(images) if n > 1 or isinstance(images, list) and len(images) == n else [images]
+        )
+        if len(per_net) != n:
+            raise ValueError(f"{len(per_net)} controlnet_images for {n} ControlNets")
+
+        def each(value, name):
+            values = [value] * n if isinstance(value, (int, float)) else list(value)
+            if len(values) != n:
+                raise ValueError(f"{len(values)} values of {name} for {n} ControlNets")
+            return values
+
+        inputs = []
+        for model, frames, scale, start, end in zip(
+            self.controlnets,
+            per_net,
+            each(scales, "controlnet_scale"),
+            each(starts, "controlnet_start"),
+            each(ends, "controlnet_end"),
+        ):
+            frames = as_frames(frames, height, width, "controlnet_images")
+            if frames.shape[2] < num_frames:
+                raise ValueError(
+                    f"controlnet_images has {frames.shape[2]} frames for {num_frames} video frames"
+                )
+            inputs.append(
+                ControlNetInput(model, frames[:, :, :num_frames].to(self.device), scale, start, end)
+            )
+        return inputs
+
+    def start_step(self, scheduler, num_steps: int, strength: float) -> int:
+        """The first step when denoising from an init noised to `strength` (diffusers' rule:
+        the last `int(num_steps * strength)` steps run)."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        return num_steps - min(int(num_steps * strength), num_steps)
+
+    def init_latents(self, frames: torch.Tensor, videos: int, num_frames: int, chunk: int):
+        """Init image (one frame, repeated) or video (its first `num_frames`) -> latents."""
+        if frames.shape[2] not in (1, num_frames) and frames.shape[2] < num_frames:
+            raise ValueError(f"init video has {frames.shape[2]} frames, fewer than {num_frames}")
+        if frames.shape[0] not in (1, videos):
+            raise ValueError(f"{frames.shape[0]} init videos for {videos} generated videos")
+        latents = encode_frames(
+            self.vae, frames[:, :, :num_frames].to(self.device), chunk_size=chunk
+        )
+        latents = latents.expand(videos, -1, num_frames, -1, -1)
+        return latents.to(self.device, torch.float32).contiguous()
+
+    def noised(self, init: torch.Tensor, noise: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        """The init latents diffused to the first timestep that will run; pure noise at
+        strength 1 (the input is ignored), the init itself at strength 0 (nothing runs)."""
+        scheduler = sampling.scheduler
+        if sampling.start_step == 0:
+            return noise * scheduler.init_noise_sigma
+        if sampling.start_step >= sampling.steps:
+            return init
+        self._set_timesteps(sampling)
+        t = scheduler.timesteps[sampling.start_step : sampling.start_step + 1]
+        return scheduler.add_noise(init, noise, t.repeat(init.shape[0]))
+
+    def _set_timesteps(self, sampling: Sampling) -> None:
+        sampling.scheduler.set_timesteps(sampling.steps, device=self.device)
+        if sampling.start_step and hasattr(sampling.scheduler, "set_begin_index"):
+            sampling.scheduler.set_begin_index(sampling.start_step)
 
     @contextlib.contextmanager
     def _motion_scale(self, scale: float | Sequence[float]):
@@ -423,10 +619,12 @@ class AnimationPipeline:
         """The sampling loop; the generator (continuing the seed's stream) feeds stochastic
         samplers such as Euler ancestral, so seeded runs repeat exactly."""
         scheduler = sampling.scheduler
-        scheduler.set_timesteps(sampling.steps, device=self.device)
+        self._set_timesteps(sampling)
         guidance = sampling.guidance_scale > 1.0
         timesteps = scheduler.timesteps
-        for step, t in enumerate(tqdm(timesteps, disable=not sampling.progress, desc="denoising")):
+        steps = range(sampling.start_step, len(timesteps))
+        for step in tqdm(steps, disable=not sampling.progress, desc="denoising"):
+            t = timesteps[step]
             model_input = torch.cat([latents] * 2) if guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise = self.predict(model_input, t, text, sampling, step, len(timesteps))
@@ -442,11 +640,20 @@ class AnimationPipeline:
         frames = sample.shape[2]
         context = sampling.context
         windows = context_windows(frames, step, num_steps, context) if context else None
-        if windows is None or len(windows) == 1 and windows[0] == list(range(frames)):
-            return self.unet(sample.to(self.dtype), t, text).float()
+        everything = list(range(frames))
+
+        def run(x, text, indices, views=None):
+            """The UNet plus every control's residuals, on the video's frames `indices`."""
+            x = x.to(self.dtype)
+            res = total_residuals(sampling.controls, x, t, text, indices, step, num_steps, views)
+            return self.unet(x, t, text, **(res.unet_kwargs(self.dtype) if res else {})).float()
+
+        if windows is None or len(windows) == 1 and windows[0] == everything:
+            return run(sample, text, everything)
         if sampling.views:  # image layers see every frame; only the motion modules are windowed
-            with self.unet.frame_windows([(w, context.weights(len(w))) for w in windows]):
-                return self.unet(sample.to(self.dtype), t, text).float()
+            views = [(w, context.weights(len(w))) for w in windows]
+            with self.unet.frame_windows(views):
+                return run(sample, text, everything, views)
         fused = WindowAccumulator.like(sample)
         scale = self.unet.motion_scale
         try:
@@ -454,18 +661,12 @@ class AnimationPipeline:
                 if isinstance(scale, torch.Tensor):  # a per-frame scale follows its frames
                     self.unet.motion_scale = scale[window]
                 sub_text = window_text(text, window, sample.shape[0], frames)
-                out = self.unet(sample[:, :, window].to(self.dtype), t, sub_text)
-                fused.add(window, out.float(), context.weights(len(window), device=sample.device))
+                out = run(sample[:, :, window], sub_text, window)
+                fused.add(window, out, context.weights(len(window), device=sample.device))
         finally:
             self.unet.motion_scale = scale
         return fused.result()
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
         """(b, 4, f, h, w) latents -> (b, 3, f, H, W) float32 frames in [0, 1], on the CPU."""
-        b, c, f, h, w = latents.shape
-        flat = (latents / self.vae.config.scaling_factor).transpose(1, 2).reshape(b * f, c, h, w)
-        flat = flat.to(self.vae.dtype)
-        pixels = [self.vae.decode(chunk).sample.float().cpu() for chunk in flat.split(chunk_size)]
-        video = torch.cat(pixels)
-        video = video.view(b, f, *video.shape[1:]).transpose(1, 2)
-        return (video / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents, chunk_size)

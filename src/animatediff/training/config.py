@@ -71,6 +71,9 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     rank: int = 2  # LoRA stages; the paper finds low ranks already learn a motion
+    # motion stage: also train the image layers (the design the paper argues against; for
+    # ablations). The fine-tuned UNet is saved beside the motion module.
+    train_image_layers: bool = False
     mixed_precision: str = "no"  # no, fp16, bf16
     gradient_checkpointing: bool = False
     gradient_accumulation: int = 1

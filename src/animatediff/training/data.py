@@ -22,6 +22,8 @@ from ..video import read_video, video_info
 from .config import ConfigError, DataConfig
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif", ".webp")
+# Still images are one-frame clips (for the image stages: base fine-tuning, adapter, styles).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def folder_clips(folder: str | Path) -> list[Clip]:
         raise ConfigError(f"data.videos: folder not found: {folder}")
     clips = []
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in VIDEO_SUFFIXES:
+        if path.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
             caption_file = path.with_suffix(".txt")
             caption = caption_file.read_text().strip() if caption_file.exists() else ""
             clips.append(Clip(str(path), caption))

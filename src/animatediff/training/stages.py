@@ -115,6 +115,8 @@ class TrainModel(nn.Module):
             fields.setdefault("max_frames", max(preset.max_frames, frames))
             self.motion = MotionModules(preset.replace(**fields))
         self.motion.requires_grad_(True)
+        if config.train.train_image_layers:
+            self.unet2d.requires_grad_(True)
 
     def _build_motion_lora(self, config: Config) -> None:
         self.motion = load_motion_module(config.motion_module)
@@ -149,7 +151,11 @@ class TrainModel(nn.Module):
         }
         folder.mkdir(parents=True, exist_ok=True)
         if self.stage == "motion":
-            return [
+            unet = []
+            if config.train.train_image_layers:
+                self.unet2d.save_pretrained(folder / "unet")
+                unet = [folder / "unet"]
+            return unet + [
                 save_motion_module(
                     self.motion, folder / "motion_module.safetensors", extra_metadata=meta
                 ),

@@ -452,17 +452,21 @@ class Trainer:
     def finish(self) -> list[Path]:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return []
-        model = acc.unwrap_model(self.model)
-        if self.ema is not None:
-            self.ema.copy_to(model.trainable())
-        results = model.save_results(self.out, self.config, self.step)
-        _plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
-        if self.skipped:
-            print(
-                f"skipped {len(self.skipped)} unreadable or too-short videos; first: {self.skipped[0]}"
-            )
+        results = []
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            if self.ema is not None:
+                self.ema.copy_to(model.trainable())
+            results = model.save_results(self.out, self.config, self.step)
+            _plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+            if self.skipped:
+                print(
+                    f"skipped {len(self.skipped)} unreadable or too-short videos; "
+                    f"first: {self.skipped[0]}"
+                )
+        # All processes leave together, so none tears down the process group while another
+        # still writes (the main one saves after the others are done).
+        acc.wait_for_everyone()
         return results
 
 

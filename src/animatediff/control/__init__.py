@@ -1,0 +1,25 @@
+"""Control: SparseCtrl keyframe encoders and standard ControlNets, as residuals for the UNet."""
+
+from .controlnet import ControlNetInput, load_controlnet
+from .residuals import Residuals, active
+from .sparsectrl import SparseControlNet, SparseCtrlInput, load_sparsectrl, sparse_condition
+
+__all__ = [
+    "ControlNetInput",
+    "Residuals",
+    "SparseControlNet",
+    "SparseCtrlInput",
+    "active",
+    "load_controlnet",
+    "load_sparsectrl",
+    "sparse_condition",
+]
+
+
+def total_residuals(controls, sample, t, text, frames, step, num_steps, windows=None):
+    """The sum of every active control's residuals, or None when none applies."""
+    total = None
+    for control in controls:
+        res = control.residuals(sample, t, text, frames, step, num_steps, windows)
+        total = res if total is None else total + res
+    return total

@@ -1,0 +1,83 @@
+"""Standard SD1.5 ControlNets (diffusers `ControlNetModel`), applied frame by frame."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from ..checkpoints.io import CheckpointError, check_keys, load_state_dict
+from ..motion.unet import fold_frames, per_frame_inputs
+from .residuals import Residuals, active
+
+EMBEDDING = "controlnet_cond_embedding.conv_in.weight"
+
+
+def embedding_channels(sd: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """Widths of ControlNet's condition embedding: conv_in, then pairs (conv, strided conv)."""
+    channels = [sd[EMBEDDING].shape[0]]
+    i = 1
+    while f"controlnet_cond_embedding.blocks.{i}.weight" in sd:
+        channels.append(sd[f"controlnet_cond_embedding.blocks.{i}.weight"].shape[0])
+        i += 2
+    return tuple(channels)
+
+
+def load_controlnet(
+    path: str | Path, unet: UNet2DConditionModel | None = None, dtype: torch.dtype = torch.float32
+) -> ControlNetModel:
+    """A diffusers ControlNet folder (or hub id), or one file: diffusers-layout keys (loaded
+    into a ControlNet shaped like `unet`) or the original `control_model.*`/`input_blocks.*`
+    layout (converted by diffusers' single-file loader, with `unet`'s config, offline)."""
+    path = str(path)
+    if Path(path).is_dir() or not Path(path).exists():
+        return ControlNetModel.from_pretrained(path, torch_dtype=dtype).eval()
+    sd = load_state_dict(path)
+    if unet is None:
+        raise ValueError(f"{path}: a single-file ControlNet needs the base UNet for its config")
+    if "controlnet_mid_block.weight" in sd and EMBEDDING in sd:  # already in diffusers' layout
+        model = ControlNetModel.from_unet(
+            unet,
+            conditioning_embedding_out_channels=embedding_channels(sd),
+            conditioning_channels=sd[EMBEDDING].shape[1],
+            load_weights_from_unet=False,
+        )
+        check_keys(path, model.state_dict(), sd, "a ControlNet for this base model")
+        model.load_state_dict(sd)
+        return model.to(dtype=dtype).eval()
+    if not any(k.startswith(("control_model.", "input_blocks.", "input_hint_block.")) for k in sd):
+        raise CheckpointError(path, "not a ControlNet: no controlnet_* or control_model.* keys")
+    with tempfile.TemporaryDirectory() as config_dir:
+        ControlNetModel.from_unet(unet, load_weights_from_unet=False).save_config(config_dir)
+        return ControlNetModel.from_single_file(path, config=config_dir, torch_dtype=dtype).eval()
+
+
+@dataclass
+class ControlNetInput:
+    """One ControlNet with its images for every frame, (b, 3, f, H, W) in [0, 1]."""
+
+    model: ControlNetModel
+    images: torch.Tensor
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def residuals(self, sample, t, text, frames, step, num_steps, windows=None) -> Residuals | None:
+        """Residuals for `sample` (b, c, len(frames), h, w), the video's `frames`."""
+        if self.scale == 0 or not active(step, num_steps, self.start, self.end):
+            return None
+        b, _, f, _, _ = sample.shape
+        t, text = per_frame_inputs(t, text, b, f, sample.device)
+        images = self.images[:, :, frames].repeat(b // self.images.shape[0], 1, 1, 1, 1)
+        down, mid = self.model(
+            fold_frames(sample),
+            t,
+            text,
+            controlnet_cond=fold_frames(images).to(sample.device, sample.dtype),
+            conditioning_scale=self.scale,
+            return_dict=False,
+        )
+        return Residuals(list(down), mid)

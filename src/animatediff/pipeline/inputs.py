@@ -1,0 +1,47 @@
+"""Images and videos given to a generation (control images, init image, input video) as one
+tensor layout: (b, 3, f, H, W) float in [0, 1], resized and centre-cropped to the output size."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from ..video import Video, read_video
+from ..video.read import read_frames_as_tensor, resize_center_crop
+
+FramesLike = torch.Tensor | Image.Image | Sequence[Image.Image] | Video | str | os.PathLike
+
+
+def as_frames(frames: FramesLike, height: int, width: int, what: str) -> torch.Tensor:
+    """A tensor (b, 3, f, H, W) or (3, f, H, W) in [0, 1], PIL image(s), a `Video`, or a path
+    (video file, image file or folder of frames) -> (b, 3, f, height, width) float32."""
+    if isinstance(frames, (str, os.PathLike)):
+        video = read_video(frames).unsqueeze(0)
+    elif isinstance(frames, Video):
+        video = frames.frames
+    elif isinstance(frames, Image.Image):
+        video = read_frames_as_tensor([frames]).unsqueeze(0)
+    elif isinstance(frames, torch.Tensor):
+        video = frames if frames.ndim == 5 else frames.unsqueeze(0)
+    elif all(isinstance(f, Image.Image) for f in frames):
+        video = read_frames_as_tensor(list(frames)).unsqueeze(0)
+    else:  # a list of files (or tensors): each resized, then placed one after the other
+        return torch.cat([as_frames(f, height, width, what) for f in frames], dim=2)
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"{what}: expected (b, 3, f, h, w) frames, got {tuple(video.shape)}")
+    video = video.float()
+    if video.min() < 0 or video.max() > 1:
+        raise ValueError(f"{what}: values must be in [0, 1], got [{video.min()}, {video.max()}]")
+    if tuple(video.shape[-2:]) != (height, width):
+        video = torch.stack([resize_center_crop(v, (width, height)) for v in video])
+    return video
+
+
+def as_image(image: FramesLike, height: int, width: int, what: str) -> torch.Tensor:
+    """Like :func:`as_frames` for one image per video: tensors are (3, H, W) or (b, 3, H, W)."""
+    if isinstance(image, torch.Tensor) and image.ndim in (3, 4):
+        image = (image if image.ndim == 4 else image.unsqueeze(0)).unsqueeze(2)
+    return as_frames(image, height, width, what)

@@ -1,0 +1,74 @@
+"""Copy a finished build into the package (`animatediff/builtin/data`), in fp16, in the layouts
+users' files come in: a diffusers base folder, a motion module and adapter in the official
+layout, personal styles as single-file LDM checkpoints, one style as a kohya LoRA, and
+MotionLoRAs in the official MotionLoRA layout; `manifest.json` names them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..builtin import PACKAGE_DATA
+from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict
+from .build import MOTION_LORAS, STYLE_LORA
+from .styles import STYLES
+
+
+def _half(src: Path, dst: Path) -> None:
+    """A safetensors file in fp16, metadata kept (a motion module's config lives there)."""
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in load_state_dict(src).items()}
+    save_state_dict(sd, dst, metadata=read_metadata(src), overwrite=True)
+
+
+def _base_folder(src: Path, dst: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for name in ("tokenizer", "scheduler"):
+        shutil.copytree(src / name, dst / name)
+    shutil.copy(src / "model_index.json", dst / "model_index.json")
+    kw = dict(torch_dtype=torch.float16)
+    UNet2DConditionModel.from_pretrained(src / "unet", **kw).save_pretrained(dst / "unet")
+    AutoencoderKL.from_pretrained(src / "vae", **kw).save_pretrained(dst / "vae")
+    CLIPTextModel.from_pretrained(src / "text_encoder", **kw).save_pretrained(dst / "text_encoder")
+
+
+def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
+    from diffusers import UNet2DConditionModel
+
+    from ..checkpoints.base import load_base
+    from ..checkpoints.export import kohya_from_official, save_single_file
+
+    runs = work / "runs"
+    tmp = Path(tempfile.mkdtemp(prefix=".pack-", dir=target.parent))
+    _base_folder(work / "base", tmp / "base")
+    _half(runs / "motion" / "motion_module.safetensors", tmp / "motion_module.safetensors")
+    _half(runs / "adapter" / "domain_adapter.safetensors", tmp / "domain_adapter.safetensors")
+    manifest: dict = {"personal": {}, "motion_loras": {}}
+    base = load_base(work / "base")
+    for style in STYLES:
+        unet = UNet2DConditionModel.from_pretrained(runs / f"personal-{style}" / "unet")
+        file = f"personal/{style}.safetensors"
+        (tmp / "personal").mkdir(exist_ok=True)
+        save_single_file(unet, base.vae, base.text_encoder, tmp / file)
+        manifest["personal"][style] = {"file": file, "kind": "checkpoint"}
+    (tmp / "loras").mkdir()
+    lora = f"loras/{STYLE_LORA}-lora.safetensors"
+    kohya_from_official(runs / f"lora-{STYLE_LORA}" / "domain_adapter.safetensors", tmp / lora)
+    manifest["personal"][f"{STYLE_LORA}-lora"] = {"file": lora, "kind": "lora"}
+    (tmp / "motion_loras").mkdir()
+    for kind in MOTION_LORAS:
+        file = f"motion_loras/{kind}.safetensors"
+        _half(runs / f"motion-lora-{kind}" / "motion_lora.safetensors", tmp / file)
+        manifest["motion_loras"][kind] = {"file": file}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    print(f"packed {target}: {size / 2**20:.1f} MiB")
+    return target
