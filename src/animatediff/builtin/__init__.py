@@ -34,6 +34,45 @@ class BuiltinModel:
     trained: bool
 
 
+def manifest() -> dict:
+    """The shipped extras by name: `personal` styles (kind `checkpoint`: a single-file model;
+    `lora`: a kohya LoRA) and `motion_loras`; empty when only the random model exists."""
+    file = PACKAGE_DATA / "manifest.json"
+    return json.loads(file.read_text()) if file.exists() else {"personal": {}, "motion_loras": {}}
+
+
+def _named(section: str, name: str, what: str) -> dict:
+    entries = manifest().get(section, {})
+    if name not in entries:
+        known = ", ".join(entries) or "none (the built-in model is not installed)"
+        raise ValueError(f"no built-in {what} named {name!r}; built-in: {known}")
+    return {**entries[name], "path": PACKAGE_DATA / entries[name]["file"]}
+
+
+def personal(name: str) -> tuple[str, Path]:
+    """(kind, path) of a built-in personal style: kind "checkpoint" or "lora"."""
+    entry = _named("personal", name, "personal style")
+    return entry["kind"], entry["path"]
+
+
+def motion_lora(name: str) -> Path:
+    return _named("motion_loras", name, "MotionLoRA")["path"]
+
+
+def adapter() -> Path | None:
+    """The built-in domain adapter (the motion module was trained with it applied)."""
+    path = PACKAGE_DATA / "domain_adapter.safetensors"
+    return path if path.exists() else None
+
+
+def baseline() -> tuple[Path, Path] | None:
+    """(UNet folder, motion module) of the ablation that also trained the image layers."""
+    folder = PACKAGE_DATA / "baseline"
+    if not (folder / "motion_module.safetensors").exists():
+        return None
+    return folder / "unet", folder / "motion_module.safetensors"
+
+
 def cache_dir() -> Path:
     root = os.environ.get("ANIMATEDIFF_CACHE") or Path.home() / ".cache" / "animatediff"
     return Path(root) / f"builtin-{BUILD_VERSION}"

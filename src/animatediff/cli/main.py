@@ -47,11 +47,20 @@ def _add_generate(sub) -> None:
     p.add_argument("--base", help="diffusers SD1.5 folder or hub id (default: built-in model)")
     p.add_argument("--motion-module", help="motion module file or folder")
     p.add_argument("--motion-version", choices=("v1", "v2", "v3"), help="override detection")
-    p.add_argument("--personal", help="single-file personalised checkpoint (.safetensors/.ckpt)")
+    p.add_argument(
+        "--personal",
+        help="single-file personalised checkpoint, or a built-in style name (see `animatediff models`)",
+    )
     p.add_argument("--vae", help="separate VAE file")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]")
     p.add_argument("--lora-scaling", choices=("kohya", "official"), default="kohya")
-    p.add_argument("--motion-lora", action="append", default=[], metavar="PATH[:STRENGTH]")
+    p.add_argument(
+        "--motion-lora",
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="a MotionLoRA file or a built-in name (zoom-in, pan-left)",
+    )
     p.add_argument("--adapter", metavar="PATH[:SCALE]", help="v3 domain adapter")
     p.add_argument("--negative-prompt", "-n", default="")
     p.add_argument("--frames", type=int, help="default: 16, or the --init-video's length")
@@ -136,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="only pre-encode the dataset's latents into DIR (then train with data.cache: DIR)",
     )
+    sub.add_parser("models", help="list the built-in models, styles and MotionLoRAs")
     i = sub.add_parser("inspect", help="what a checkpoint file is")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
@@ -278,27 +288,51 @@ def _prompt_map(path: str) -> dict:
     return data
 
 
+def _builtin_names(run: Run) -> Run:
+    """Built-in style and MotionLoRA names (`animatediff models`) -> their files."""
+    from .. import builtin
+
+    if (
+        run.personal
+        and not Path(run.personal).exists()
+        and run.personal in builtin.manifest()["personal"]
+    ):
+        kind, path = builtin.personal(run.personal)
+        run.personal = str(path) if kind == "checkpoint" else None
+        if kind == "lora":
+            run.loras = [*run.loras, (str(path), 1.0)]
+    run.motion_loras = [
+        (str(builtin.motion_lora(p)), s)
+        if not Path(p).exists() and p in builtin.manifest()["motion_loras"]
+        else (p, s)
+        for p, s in run.motion_loras
+    ]
+    return run
+
+
 def _run_from_args(args) -> Run:
-    return Run(
-        name="cli",
-        motion_module=args.motion_module,
-        prompt=_prompt_map(args.prompt_map) if args.prompt_map else args.prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
-        personal=args.personal,
-        loras=[path_strength(x) for x in args.lora],
-        motion_loras=[path_strength(x) for x in args.motion_lora],
-        adapter=path_strength(args.adapter) if args.adapter else None,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        width=args.width,
-        height=args.height,
-        num_frames=args.frames,
-        num_videos=args.num_videos,
-        sampling=_sampling_from_args(args),
-        sparsectrl=args.sparsectrl,
-        controlnets=_controlnets_from_args(args),
-        inputs=_inputs_from_args(args),
+    return _builtin_names(
+        Run(
+            name="cli",
+            motion_module=args.motion_module,
+            prompt=_prompt_map(args.prompt_map) if args.prompt_map else args.prompt,
+            negative_prompt=args.negative_prompt,
+            seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
+            personal=args.personal,
+            loras=[path_strength(x) for x in args.lora],
+            motion_loras=[path_strength(x) for x in args.motion_lora],
+            adapter=path_strength(args.adapter) if args.adapter else None,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            width=args.width,
+            height=args.height,
+            num_frames=args.frames,
+            num_videos=args.num_videos,
+            sampling=_sampling_from_args(args),
+            sparsectrl=args.sparsectrl,
+            controlnets=_controlnets_from_args(args),
+            inputs=_inputs_from_args(args),
+        )
     )
 
 
@@ -398,7 +432,27 @@ def _check_free(output: Path, overwrite: bool) -> None:
         raise UsageError(f"{output} already exists; pass --overwrite to replace it")
 
 
-# -- convert / inspect ---------------------------------------------------------------------------
+# -- models / convert / inspect -------------------------------------------------------------------
+def cmd_models(args) -> None:
+    from .. import builtin
+
+    model = builtin.builtin_model()
+    kind = "trained in the miniature world" if model.trained else "random weights (not trained)"
+    print(f"base            {model.base}  ({kind})")
+    print(f"motion module   {model.motion_module}")
+    if builtin.adapter():
+        print(f"domain adapter  {builtin.adapter()}  (applied with --adapter PATH[:SCALE])")
+    entries = builtin.manifest()
+    for name, entry in entries["personal"].items():
+        flag = f"--personal {name}"
+        print(f"{flag:<32}{entry['kind']:<12}{builtin.PACKAGE_DATA / entry['file']}")
+    for name, entry in entries["motion_loras"].items():
+        flag = f"--motion-lora {name}[:STRENGTH]"
+        print(f"{flag:<32}{'MotionLoRA':<12}{builtin.PACKAGE_DATA / entry['file']}")
+    if not entries["personal"] and not entries["motion_loras"]:
+        print("no built-in styles or MotionLoRAs installed")
+
+
 def cmd_convert(args) -> None:
     from ..checkpoints.detect import describe
 
@@ -470,6 +524,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "convert": cmd_convert,
     "inspect": cmd_inspect,
+    "models": cmd_models,
     "train": cmd_train,
 }
 

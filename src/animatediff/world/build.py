@@ -80,7 +80,7 @@ def make_base_skeleton(folder: Path) -> None:
             pad_token_id=1,
         )
     )
-    torch.nn.init.normal_(text.text_model.embeddings.token_embedding.weight, std=1.0)
+    torch.nn.init.normal_(text.get_input_embeddings().weight, std=1.0)
     text.save_pretrained(folder / "text_encoder")
     UNet2DConditionModel(
         sample_size=SIZE // 4,
@@ -110,7 +110,7 @@ def make_base_skeleton(folder: Path) -> None:
     )
 
 
-def train_vae(data: Path, folder: Path, steps: int = 700, batch: int = 32) -> None:
+def train_vae(data: Path, folder: Path, steps: int = 600, batch: int = 16) -> None:
     """A small KL autoencoder (x4 downsampling) on stills and video frames; its latents are
     scaled to unit variance as SD's 0.18215 does for SD's VAE."""
     from diffusers import AutoencoderKL
@@ -126,10 +126,10 @@ def train_vae(data: Path, folder: Path, steps: int = 700, batch: int = 32) -> No
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),  # narrow at full resolution: that is where the cost is
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=16,
         sample_size=SIZE,
     )
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -200,7 +200,7 @@ def stage_configs(work: Path) -> dict[str, dict]:
             output_dir=str(work / "runs" / "motion"),
             data={"videos": str(data / "videos"), **clip, "caption_dropout": 0.1},
             train={
-                "steps": 800,
+                "steps": 600,
                 "batch_size": 4,
                 "learning_rate": 1e-3,
                 "lr_scheduler": "cosine",
@@ -213,7 +213,7 @@ def stage_configs(work: Path) -> dict[str, dict]:
             output_dir=str(work / "runs" / "motion-image-layers"),
             data={"videos": str(data / "videos"), **clip, "caption_dropout": 0.1},
             train={
-                "steps": 800,
+                "steps": 600,
                 "batch_size": 4,
                 "learning_rate": 1e-3,
                 "lr_scheduler": "cosine",

@@ -65,6 +65,15 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
         file = f"motion_loras/{kind}.safetensors"
         _half(runs / f"motion-lora-{kind}" / "motion_lora.safetensors", tmp / file)
         manifest["motion_loras"][kind] = {"file": file}
+    baseline = runs / "motion-image-layers"
+    if (baseline / "motion_module.safetensors").exists():  # the ablation, for `evaluate`
+        (tmp / "baseline").mkdir()
+        _half(
+            baseline / "motion_module.safetensors", tmp / "baseline" / "motion_module.safetensors"
+        )
+        UNet2DConditionModel.from_pretrained(
+            baseline / "unet", torch_dtype=torch.float16
+        ).save_pretrained(tmp / "baseline" / "unet")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if target.exists():
         shutil.rmtree(target)

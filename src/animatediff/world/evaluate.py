@@ -1,0 +1,857 @@
+"""Evaluate the built-in model on the miniature world: the quantities behind AnimateDiff's
+Table 1 and its ablations, measured with the world's detectors (``detect``) instead of CLIP.
+
+    python -m animatediff.world.evaluate [--quick] [--steps 25] [--out results.json]
+
+Clips are generated at 64x64 from a fixed prompt set (``PROMPTS``, written with the caption
+grammar) and fixed seeds (``SEEDS``), all prompts of a seed in one batch; ``quick`` uses
+``QUICK_PROMPTS`` and one seed. Extras that are not installed (``builtin.manifest()`` empty,
+no adapter, no baseline) give rows with ``status`` "skipped: not installed"; a row that fails
+records "error: ..." and the evaluation goes on.
+
+Rows (the ``results`` keys; every animated row holds the clip metrics below):
+  main                          built-in base + motion module, domain adapter NOT applied
+  personal[NAME]                each personal style (checkpoint or kohya LoRA) + the motion module
+  baselines.frame_by_frame[M]   model M ("base" or a style) with ``motion_scale=0``: the image
+                                model frame by frame; these frames are also M's own stills
+  baselines.image_layers[M]     the motion module trained with the image layers fine-tuned
+                                (``builtin.baseline()``) inserted into style M; for "base", with
+                                its own fine-tuned UNet
+  adapter["1.0" | "0.0"]        base + motion module with the domain adapter merged at that scale
+                                ("0.0" is the main row)
+  motion_loras[NAME]            a MotionLoRA (built-in or ``extra_motion_loras``) at strength
+                                "1.0" and "0.0" on camera-motion prompts (``CAMERA_PROMPTS``)
+
+Clip metrics (a clip is one prompt and seed; "in most frames" = in more than half the frames):
+  text_alignment        share of clips where, in most frames, every named object is there with
+                        its colour and shape and the background has its colour
+  colour_alignment      share of clips where, in most frames, every named colour covers an object
+  shape_alignment       share of clips where, in most frames, every named colour's region has
+                        the named shape (``detect.classify_shape``)
+  background_alignment  share of clips where, in most frames, the frame border has the named
+                        background colour
+  temporal_consistency  mean ``detect.temporal_consistency``: the first frame's object keeps its
+                        colour and shape, times the mean IoU of consecutive centred masks
+  motion_smoothness     mean ``detect.motion_smoothness`` of the first frame's dominant object's
+                        centroid track (0 when the track loses it)
+  dynamic_degree        share of clips that move (``detect.is_dynamic``)
+  motion_alignment      mean ``detect.motion_alignment``: the first-named object moves as the
+                        caption's motion word says ("static": it does not move)
+  motion_alignment_by_kind  the same per caption kind (static, move, grow, shrink, turn)
+  watermark_rate        share of frames with ``detect.has_watermark``
+  style_scores          mean ``detect.style_scores`` of the frames, per style (plain, stripes,
+                        outline)
+  style_rate            share of frames whose ``detect.classify_style`` is each style
+Domain (rows with a style: "plain" for the base, the style of a personal model):
+  style_score           mean style score of the row's frames for the row's style (absolute)
+  style_score_stills    the same for the model's own stills (its frame-by-frame row)
+  domain_similarity     style_score / style_score_stills (None when the stills score < 1e-6)
+MotionLoRA (per strength; the caption's first-named colour is tracked and clips where it is
+missing in the first or last frame are left out):
+  area_ratio            mean object area last frame / first frame (zoom-in: > 1 at strength 1)
+  dx                    mean centroid x displacement last - first frame, in frame widths
+                        (pan-left: its sign is ``motion.PAN_LEFT_DX`` at strength 1)
+  tracked               share of clips where the object was found in the first and last frame
+  motion_alignment      mean ``detect.motion_alignment`` for the camera caption
+  effect                zoom-in: area_ratio at 1 is > 1 and above that at 0; pan-left: dx at 1
+                        has the sign of PAN_LEFT_DX and is larger along it than at 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .detect import (
+    MIN_AREA,
+    as_frames,
+    background_colour,
+    classify_shape,
+    has_watermark,
+    is_dynamic,
+    motion_alignment,
+    motion_smoothness,
+    object_mask,
+    style_scores,
+    temporal_consistency,
+    track,
+)
+from .motion import PAN_LEFT_DX
+from .scene import Scene, Sprite, caption, parse_caption
+from .styles import STYLES
+
+SIZE = 64
+NUM_FRAMES = 16
+STEPS = 25
+GUIDANCE_SCALE = 7.5
+NEGATIVE_PROMPT = ""
+SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0,)
+STILLS_MIN = 1e-6  # a stills style score below this makes the domain similarity undefined
+SKIPPED = "skipped: not installed"
+
+
+def _prompt(kind: str, *sprites: tuple[str, str], background: str, **words) -> str:
+    scene = Scene(tuple(Sprite(shape, colour) for shape, colour in sprites), background)
+    return caption(scene, kind, **words)
+
+
+# Every colour, shape and background, and each object motion (two per motion kind).
+PROMPTS: tuple[str, ...] = (
+    _prompt("static", ("circle", "red"), background="black"),
+    _prompt("static", ("star", "yellow"), ("circle", "red"), background="blue"),
+    _prompt("move", ("square", "blue"), background="white", direction="left", speed="slowly"),
+    _prompt("move", ("triangle", "white"), background="green", direction="right", speed="quickly"),
+    _prompt("move", ("circle", "purple"), background="black", direction="right", speed="slowly"),
+    _prompt("move", ("star", "green"), background="white", direction="left", speed="quickly"),
+    _prompt("grow", ("circle", "yellow"), background="green"),
+    _prompt("grow", ("square", "red"), background="blue"),
+    _prompt("shrink", ("triangle", "blue"), background="black"),
+    _prompt("shrink", ("star", "white"), background="blue"),
+    _prompt("turn", ("square", "purple"), background="white"),
+    _prompt("turn", ("triangle", "green"), background="black"),
+)
+QUICK_PROMPTS: tuple[str, ...] = (PROMPTS[2], PROMPTS[0])  # one moving, one static
+CAMERA_PROMPTS: dict[str, tuple[str, ...]] = {
+    "zoom-in": (
+        _prompt("zoom-in", ("circle", "red"), background="blue"),
+        _prompt("zoom-in", ("square", "green"), background="black"),
+        _prompt("zoom-in", ("triangle", "yellow"), background="white"),
+    ),
+    "pan-left": (
+        _prompt("pan-left", ("star", "white"), background="green"),
+        _prompt("pan-left", ("circle", "purple"), background="white"),
+        _prompt("pan-left", ("square", "blue"), background="black"),
+    ),
+}
+
+Clip = np.ndarray  # (F, H, W, 3) uint8
+Generated = list[tuple[str, Clip]]  # (caption, clip) per prompt and seed
+Log = Callable[[str], object]
+
+
+# --- metrics on clips (numpy only) ---------------------------------------------------------
+
+
+def _mean(values: Iterable) -> float | None:
+    values = [float(v) for v in values]
+    return float(np.mean(values)) if values else None
+
+
+def frame_alignment(frame, text: str) -> dict[str, bool]:
+    """Which claims of the caption hold in one frame: ``colour`` (every named colour covers an
+    object), ``shape`` (each has its named shape), ``background``, and ``all`` of them."""
+    rgb = as_frames(frame)
+    parsed = parse_caption(text)
+    colour = shape = True
+    for name, form in parsed.objects:
+        mask = object_mask(rgb, name)
+        colour = colour and bool(mask.mean() >= MIN_AREA)
+        shape = shape and classify_shape(mask) == form
+    background = parsed.background is None or background_colour(rgb) == parsed.background
+    ok = bool(parsed.objects) or parsed.background is not None
+    return {
+        "colour": colour,
+        "shape": shape,
+        "background": background,
+        "all": ok and colour and shape and background,
+    }
+
+
+def clip_alignment(frames, text: str) -> dict[str, bool]:
+    """Each claim of ``frame_alignment`` for a clip: true when it holds in most frames."""
+    checks = [frame_alignment(f, text) for f in as_frames(frames)]
+    return {k: float(np.mean([c[k] for c in checks])) > 0.5 for k in checks[0]}
+
+
+def watermark_rate(frames: Iterable) -> float | None:
+    """Share of frames with a watermark (``detect.has_watermark``)."""
+    return _mean(has_watermark(f) for f in frames)
+
+
+def clip_metrics(clips: Sequence, captions: Sequence[str]) -> dict:
+    """The clip metrics of the module docstring over clips and their captions."""
+    if len(clips) != len(captions):
+        raise ValueError(f"{len(clips)} clips for {len(captions)} captions")
+    clips = [as_frames(c) for c in clips]
+    aligned = [clip_alignment(c, t) for c, t in zip(clips, captions)]
+    kinds = [parse_caption(t).kind for t in captions]
+    motion = [motion_alignment(c, t) for c, t in zip(clips, captions)]
+    frames = [f for c in clips for f in c]
+    styles = [style_scores(f) for f in frames]
+    names = list(styles[0]) if styles else ["plain", *STYLES]
+    return {
+        "clips": len(clips),
+        "text_alignment": _mean(a["all"] for a in aligned),
+        "colour_alignment": _mean(a["colour"] for a in aligned),
+        "shape_alignment": _mean(a["shape"] for a in aligned),
+        "background_alignment": _mean(a["background"] for a in aligned),
+        "temporal_consistency": _mean(temporal_consistency(c) for c in clips),
+        "motion_smoothness": _mean(motion_smoothness(track(c)) for c in clips),
+        "dynamic_degree": _mean(is_dynamic(c) for c in clips),
+        "motion_alignment": _mean(motion),
+        "motion_alignment_by_kind": {
+            k: _mean(m for m, kind in zip(motion, kinds) if kind == k) for k in dict.fromkeys(kinds)
+        },
+        "watermark_rate": watermark_rate(frames),
+        "style_scores": {s: _mean(d[s] for d in styles) for s in names},
+        "style_rate": {s: _mean(max(d, key=d.get) == s for d in styles) for s in names},
+    }
+
+
+def domain_similarity(metrics: Mapping, stills: Mapping, style: str | None) -> dict:
+    """Style score of a row's frames, of the same model's stills, and their ratio."""
+    if style is None:
+        return {"style_score": None, "style_score_stills": None, "domain_similarity": None}
+    score = metrics["style_scores"].get(style)
+    reference = stills["style_scores"].get(style)
+    ratio = None
+    if score is not None and reference is not None and reference >= STILLS_MIN:
+        ratio = score / reference
+    return {"style_score": score, "style_score_stills": reference, "domain_similarity": ratio}
+
+
+def camera_motion(clips: Sequence, captions: Sequence[str]) -> dict:
+    """MotionLoRA metrics of the module docstring: area ratio and x displacement of the
+    caption's first-named object from the first to the last frame."""
+    ratios, dxs = [], []
+    for clip, text in zip(clips, captions):
+        parsed = parse_caption(text)
+        path = track(clip, parsed.objects[0][0] if parsed.objects else None)
+        (x0, _, a0), (x1, _, a1) = path[0], path[-1]
+        if math.isnan(x0) or math.isnan(x1):
+            continue
+        ratios.append(a1 / a0)
+        dxs.append(x1 - x0)
+    return {
+        "clips": len(clips),
+        "area_ratio": _mean(ratios),
+        "dx": _mean(dxs),
+        "tracked": _mean([1.0] * len(ratios) + [0.0] * (len(clips) - len(ratios))),
+        "motion_alignment": _mean(motion_alignment(c, t) for c, t in zip(clips, captions)),
+    }
+
+
+def camera_effect(kind: str | None, on: Mapping, off: Mapping) -> bool | None:
+    """Whether a MotionLoRA of ``kind`` does its motion: strength 1 (``on``) vs 0 (``off``)."""
+    if kind == "zoom-in":
+        if on["area_ratio"] is None:
+            return False
+        return on["area_ratio"] > 1 and on["area_ratio"] > (off["area_ratio"] or 0.0)
+    if kind == "pan-left":
+        if on["dx"] is None:
+            return False
+        along = on["dx"] * PAN_LEFT_DX
+        return along > 0 and along > (off["dx"] or 0.0) * PAN_LEFT_DX
+    return None
+
+
+# --- generation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    """One generation setting: every prompt once per seed, the prompts of a seed batched."""
+
+    steps: int
+    guidance_scale: float
+    num_frames: int
+    size: int
+    seeds: tuple[int, ...]
+    negative_prompt: str = NEGATIVE_PROMPT
+
+    def __call__(self, pipe, prompts: Sequence[str], motion_scale: float = 1.0) -> Generated:
+        import torch
+
+        out: Generated = []
+        for seed in self.seeds:
+            video = pipe(
+                list(prompts),
+                negative_prompt=self.negative_prompt,
+                num_frames=self.num_frames,
+                height=self.size,
+                width=self.size,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                seed=seed,
+                progress=False,
+                motion_scale=motion_scale,
+            )
+            frames = (video.frames.clamp(0, 1) * 255).round().to(torch.uint8)
+            frames = frames.permute(0, 2, 3, 4, 1).cpu().numpy()  # (b, f, h, w, 3)
+            out += list(zip(prompts, frames))
+        return out
+
+
+class _Pipelines:
+    """Each model combination loaded once, kept while needed and freed with ``release``."""
+
+    def __init__(self, device: str, log: Log):
+        self.device = device
+        self.log = log
+        self._pipes: dict[str, object] = {}
+        self.loads: list[str] = []
+
+    def get(self, key: str, unet_folder: Path | None = None, **load):
+        if key not in self._pipes:
+            from ..pipeline import AnimationPipeline
+
+            self.log(f"[evaluate] loading {key}")
+            pipe = AnimationPipeline.load(**load, device=self.device)
+            if unet_folder is not None:  # the baseline's own fine-tuned image layers
+                from diffusers import UNet2DConditionModel
+
+                sd = UNet2DConditionModel.from_pretrained(unet_folder).state_dict()
+                pipe.unet.unet.load_state_dict(sd)
+            self._pipes[key] = pipe
+            self.loads.append(key)
+        return self._pipes[key]
+
+    def release(self, key: str) -> None:
+        if self._pipes.pop(key, None) is not None:
+            gc.collect()
+            if str(self.device).startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        for key in list(self._pipes):
+            self.release(key)
+
+
+def _texts(generated: Generated) -> list[str]:
+    return [t for t, _ in generated]
+
+
+def _clips(generated: Generated) -> list[Clip]:
+    return [c for _, c in generated]
+
+
+def _row(model: str, style: str | None, generated: Generated, stills: Mapping | None, start: float):
+    metrics = clip_metrics(_clips(generated), _texts(generated))
+    reference = metrics if stills is None else stills
+    return {
+        "status": "ok",
+        "model": model,
+        "style": style,
+        **metrics,
+        **domain_similarity(metrics, reference, style),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _guarded(label: str, log: Log, fn: Callable[[], dict]) -> dict:
+    """Run one row; a failure is recorded in its status rather than ending the evaluation."""
+    try:
+        return fn()
+    except Exception as e:  # an extra that does not load or run must not cost the others
+        log(f"[evaluate] {label}: failed: {type(e).__name__}: {e}")
+        return {"status": f"error: {type(e).__name__}: {e}"}
+
+
+def _style_of(name: str, entry: Mapping) -> str | None:
+    """The detector style of a personal model: the manifest's ``style``, else from the name."""
+    if entry.get("style"):
+        return entry["style"]
+    return next((s for s in STYLES if name.startswith(s)), None) or next(
+        (s for s in STYLES if s in name), None
+    )
+
+
+def _kind_of_motion_lora(name: str, info: Mapping) -> str | None:
+    if info.get("kind"):
+        return info["kind"]
+    lowered = name.lower()
+    return "zoom-in" if "zoom" in lowered else "pan-left" if "pan" in lowered else None
+
+
+def lora_rank(path: str | os.PathLike) -> int | None:
+    """Rank of a LoRA file (rows of its first down/A matrix); None if it cannot be read."""
+    from ..checkpoints.io import load_state_dict
+
+    try:
+        sd = load_state_dict(path)
+    except Exception:
+        return None
+    for key, value in sd.items():
+        if value.ndim >= 2 and any(s in key for s in ("down.weight", "lora_A", "lora_down")):
+            return int(value.shape[0])
+    return None
+
+
+def _builtin_names() -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """Personal styles and MotionLoRAs the built-in model ships, and its MotionLoRA clip count."""
+    from .build import DATA, MOTION_LORAS, STYLE_LORA
+
+    return (*STYLES, f"{STYLE_LORA}-lora"), MOTION_LORAS, DATA["motion_lora_clips"]
+
+
+# --- the evaluation -----------------------------------------------------------------------
+
+
+def evaluate(
+    steps: int = STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    num_frames: int = NUM_FRAMES,
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    progress: Log | None = print,
+    extra_motion_loras: Mapping[str, tuple[str | os.PathLike, Mapping]] | None = None,
+    device: str | None = None,
+    size: int = SIZE,
+) -> dict:
+    """Generate with the built-in model and its extras and measure them (module docstring).
+
+    ``quick``: 2 prompts, 1 seed, 1 camera prompt per MotionLoRA. ``seeds`` overrides the seeds.
+    ``progress``: called with one line per step (None: silent). ``extra_motion_loras``:
+    ``{name: (path, info)}`` with info such as ``{"rank": 2, "clips": 10}`` (and optionally
+    ``"kind"``: "zoom-in" or "pan-left", else read from the name), reported beside the built-in
+    MotionLoRAs. Returns ``{"settings", "model", "main", "personal", "baselines": {"frame_by_frame",
+    "image_layers"}, "adapter", "motion_loras", "seconds"}``.
+    """
+    import torch
+
+    from .. import builtin
+
+    log: Log = progress or (lambda _: None)
+    start = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = QUICK_PROMPTS if quick else PROMPTS
+    seeds = tuple(int(s) for s in (seeds if seeds is not None else QUICK_SEEDS if quick else SEEDS))
+    camera = {k: v[:1] if quick else v for k, v in CAMERA_PROMPTS.items()}
+    sample = _Sampler(steps, guidance_scale, num_frames, size, seeds)
+    model = builtin.builtin_model()
+    manifest = builtin.manifest()
+    expected_personal, expected_motion_loras, motion_lora_clips = _builtin_names()
+    results: dict = {
+        "settings": {
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "num_frames": num_frames,
+            "height": size,
+            "width": size,
+            "seeds": list(seeds),
+            "prompts": list(prompts),
+            "camera_prompts": {k: list(v) for k, v in camera.items()},
+            "negative_prompt": NEGATIVE_PROMPT,
+            "quick": quick,
+            "device": str(device),
+        },
+        "model": {
+            "trained": model.trained,
+            "base": str(model.base),
+            "motion_module": str(model.motion_module),
+            "manifest": manifest,
+        },
+    }
+    pipes = _Pipelines(device, log)
+    frame_by_frame: dict[str, dict] = {}
+    image_layers: dict[str, dict] = {}
+    try:
+        # -- the base: main row, its stills, the MotionLoRAs (attached to it in turn) --------
+        log(f"[evaluate] main: {len(prompts)} prompts x {len(seeds)} seeds")
+        pipe = pipes.get("base + motion module")
+        t = time.perf_counter()
+        stills_gen = sample(pipe, prompts, motion_scale=0.0)
+        frame_by_frame["base"] = _row("base, frame by frame", "plain", stills_gen, None, t)
+        t = time.perf_counter()
+        main_gen = sample(pipe, prompts)
+        results["main"] = _row("base + motion module", "plain", main_gen, frame_by_frame["base"], t)
+        del stills_gen, main_gen
+        results["motion_loras"] = _motion_lora_rows(
+            pipe,
+            sample,
+            camera,
+            manifest,
+            extra_motion_loras,
+            expected_motion_loras,
+            motion_lora_clips,
+            log,
+        )
+        pipes.release("base + motion module")
+
+        # -- the domain adapter at 1.0 vs 0.0 (= the main row) -------------------------------
+        results["adapter"] = {"1.0": {"status": SKIPPED}, "0.0": _adapter_off(results["main"])}
+        adapter = builtin.adapter()
+        if adapter is not None:
+
+            def adapter_row() -> dict:
+                log("[evaluate] domain adapter at 1.0")
+                pipe = pipes.get("base + adapter 1.0 + motion module", adapter=(adapter, 1.0))
+                t = time.perf_counter()
+                row = _row(
+                    "base + adapter 1.0 + motion module",
+                    "plain",
+                    sample(pipe, prompts),
+                    frame_by_frame["base"],
+                    t,
+                )
+                return {**row, "adapter_scale": 1.0}
+
+            results["adapter"]["1.0"] = _guarded("adapter", log, adapter_row)
+            pipes.release("base + adapter 1.0 + motion module")
+
+        # -- personal styles, frame by frame, and the image-layer baseline in each ------------
+        baseline = builtin.baseline()
+        personal: dict[str, dict] = {}
+        names = list(dict.fromkeys([*expected_personal, *manifest.get("personal", {})]))
+        for name in names:
+            entry = manifest.get("personal", {}).get(name)
+            if entry is None:
+                personal[name] = frame_by_frame[name] = image_layers[name] = {"status": SKIPPED}
+                continue
+            style = _style_of(name, entry)
+            kind, path = builtin.personal(name)
+            load = {"checkpoint": {"personal": path}, "lora": {"loras": [(path, 1.0)]}}.get(kind)
+            if load is None or not Path(path).exists():
+                status = SKIPPED if load is not None else f"skipped: unknown kind {kind!r}"
+                personal[name] = frame_by_frame[name] = image_layers[name] = {"status": status}
+                continue
+            key = f"{name} + motion module"
+
+            def personal_rows(name=name, style=style, load=load, key=key) -> dict:
+                log(f"[evaluate] personal {name} ({style})")
+                pipe = pipes.get(key, **load)
+                t = time.perf_counter()
+                stills_gen = sample(pipe, prompts, motion_scale=0.0)
+                frame_by_frame[name] = _row(f"{name}, frame by frame", style, stills_gen, None, t)
+                t = time.perf_counter()
+                return _row(key, style, sample(pipe, prompts), frame_by_frame[name], t)
+
+            personal[name] = {"kind": kind, **_guarded(name, log, personal_rows)}
+            frame_by_frame.setdefault(name, {"status": personal[name]["status"]})
+            pipes.release(key)
+            if baseline is None:
+                image_layers[name] = {"status": SKIPPED}
+            elif name not in frame_by_frame or frame_by_frame[name]["status"] != "ok":
+                image_layers[name] = {"status": "skipped: personal model failed"}
+            else:
+                key = f"{name} + image-layer-trained motion module"
+
+                def baseline_row(name=name, style=style, load=load, key=key) -> dict:
+                    log(f"[evaluate] baseline motion module in {name}")
+                    pipe = pipes.get(key, motion_module=baseline[1], **load)
+                    t = time.perf_counter()
+                    return _row(key, style, sample(pipe, prompts), frame_by_frame[name], t)
+
+                image_layers[name] = _guarded(key, log, baseline_row)
+                pipes.release(key)
+        results["personal"] = personal
+
+        # -- the baseline on its own fine-tuned UNet -----------------------------------------
+        if baseline is None or not Path(baseline[0]).exists():
+            image_layers = {"base": {"status": SKIPPED}, **image_layers}
+        else:
+            key = "fine-tuned base + image-layer-trained motion module"
+
+            def native_row() -> dict:
+                log("[evaluate] baseline motion module with its fine-tuned UNet")
+                pipe = pipes.get(key, unet_folder=baseline[0], motion_module=baseline[1])
+                t = time.perf_counter()
+                return _row(key, "plain", sample(pipe, prompts), frame_by_frame["base"], t)
+
+            image_layers = {"base": _guarded(key, log, native_row), **image_layers}
+            pipes.release(key)
+        results["baselines"] = {"frame_by_frame": frame_by_frame, "image_layers": image_layers}
+    finally:
+        pipes.close()
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    log(f"[evaluate] done in {results['seconds']} s")
+    order = ("settings", "model", "main", "personal", "baselines", "adapter", "motion_loras")
+    return {**{k: results[k] for k in order}, "seconds": results["seconds"]}
+
+
+def _adapter_off(main: Mapping) -> dict:
+    return {**main, "model": "base + motion module (adapter 0.0)", "adapter_scale": 0.0}
+
+
+def _motion_lora_rows(
+    pipe,
+    sample: _Sampler,
+    camera: Mapping[str, Sequence[str]],
+    manifest: Mapping,
+    extras: Mapping | None,
+    expected: Sequence[str],
+    builtin_clips: int,
+    log: Log,
+) -> dict:
+    """Every MotionLoRA attached to ``pipe`` in turn, at strength 1 and 0 on camera prompts;
+    the strength-0 clips of a prompt set are generated once."""
+    from .. import builtin
+
+    entries: dict[str, tuple[Path | None, dict, str]] = {}
+    shipped = manifest.get("motion_loras", {})
+    for name in dict.fromkeys([*expected, *shipped]):
+        path = builtin.motion_lora(name) if name in shipped else None
+        info = {k: v for k, v in shipped.get(name, {}).items() if k != "file"}
+        entries[name] = (path, {"clips": builtin_clips, **info}, "builtin")
+    for name, (path, info) in (extras or {}).items():
+        entries[name] = (Path(path), dict(info), "extra")
+    off_cache: dict[tuple[str, ...], dict] = {}
+    rows = {}
+    for name, (path, info, source) in entries.items():
+        kind = _kind_of_motion_lora(name, info)
+        row: dict = {"source": source, "kind": kind, "rank": info.get("rank"), "info": info}
+        row["clips"] = info.get("clips")
+        if path is None or not path.exists():
+            rows[name] = {"status": SKIPPED, **row}
+            continue
+        row["file"] = str(path)
+        if row["rank"] is None:
+            row["rank"] = lora_rank(path)
+        prompts = tuple(camera[kind] if kind in camera else [p for v in camera.values() for p in v])
+
+        def measure(name=name, path=path, kind=kind, prompts=prompts) -> dict:
+            log(f"[evaluate] MotionLoRA {name} ({kind}) at strength 1 and 0")
+            label = pipe.add_motion_lora(path, 1.0, name=f"evaluate:{name}")
+            try:
+                gen = sample(pipe, prompts)
+                on = camera_motion(_clips(gen), _texts(gen))
+                if prompts not in off_cache:
+                    pipe.set_motion_lora_strength(label, 0.0)
+                    gen = sample(pipe, prompts)
+                    off_cache[prompts] = camera_motion(_clips(gen), _texts(gen))
+            finally:
+                pipe.remove_motion_lora(label)
+            off = off_cache[prompts]
+            return {
+                "status": "ok",
+                "strength": {"1.0": on, "0.0": off},
+                "effect": camera_effect(kind, on, off),
+            }
+
+        rows[name] = {**row, **_guarded(f"MotionLoRA {name}", log, measure)}
+    return rows
+
+
+# --- reporting -----------------------------------------------------------------------------
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [_cell(v) for v in row] + [""] * (len(header) - len(row))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+QUALITY_COLUMNS = (
+    ("text", "text_alignment"),
+    ("colour", "colour_alignment"),
+    ("shape", "shape_alignment"),
+    ("background", "background_alignment"),
+    ("consistency", "temporal_consistency"),
+    ("smoothness", "motion_smoothness"),
+    ("dynamic", "dynamic_degree"),
+    ("motion", "motion_alignment"),
+    ("style", "style"),
+    ("style score", "style_score"),
+    ("stills", "style_score_stills"),
+    ("domain sim.", "domain_similarity"),
+    ("watermark", "watermark_rate"),
+)
+
+
+def _quality_row(label: str, row: Mapping | None) -> list:
+    if row is None:
+        return [label, "not evaluated"]
+    if row.get("status", "ok") != "ok":
+        return [label, row["status"]]
+    return [label, *(row.get(key) for _, key in QUALITY_COLUMNS)]
+
+
+def format_table(results: Mapping) -> str:
+    """Markdown: the Table-1 rows, the domain-adapter ablation and the MotionLoRA table."""
+    s = results.get("settings", {})
+    trained = results.get("model", {}).get("trained")
+    lines = [
+        f"Settings: {s.get('steps')} steps, guidance {s.get('guidance_scale')}, "
+        f"{s.get('num_frames')} frames at {s.get('width')}x{s.get('height')}, "
+        f"{len(s.get('prompts', []))} prompts x seeds {s.get('seeds')}; "
+        f"model: {'trained' if trained else 'random (metrics meaningless)'}; "
+        f"{results.get('seconds')} s",
+        "",
+        "Animation quality (Table 1 and baselines)",
+        "",
+    ]
+    baselines = results.get("baselines", {})
+    fbf, layers = baselines.get("frame_by_frame", {}), baselines.get("image_layers", {})
+    rows = [
+        _quality_row("base + motion module", results.get("main")),
+        _quality_row("base, frame by frame", fbf.get("base")),
+        _quality_row("fine-tuned base + image-layer-trained MM", layers.get("base")),
+    ]
+    for name, row in results.get("personal", {}).items():
+        rows += [
+            _quality_row(f"{name} + motion module", row),
+            _quality_row(f"{name}, frame by frame", fbf.get(name)),
+            _quality_row(f"{name} + image-layer-trained MM", layers.get(name)),
+        ]
+    lines += _table(["model", *(h for h, _ in QUALITY_COLUMNS)], rows)
+    lines += ["", "Domain adapter (base + motion module)", ""]
+    adapter_rows = []
+    for scale, row in results.get("adapter", {}).items():
+        if row.get("status", "ok") != "ok":
+            adapter_rows.append([scale, row["status"]])
+        else:
+            adapter_rows.append(
+                [scale]
+                + [
+                    row.get(k)
+                    for k in (
+                        "watermark_rate",
+                        "text_alignment",
+                        "temporal_consistency",
+                        "dynamic_degree",
+                        "motion_alignment",
+                    )
+                ]
+            )
+    lines += _table(
+        ["adapter scale", "watermark rate", "text", "consistency", "dynamic", "motion"],
+        adapter_rows,
+    )
+    lines += [
+        "",
+        f"MotionLoRA (strength 1 vs 0; pan-left moves content by sign {PAN_LEFT_DX:+d})",
+        "",
+    ]
+    lora_rows = []
+    for name, row in results.get("motion_loras", {}).items():
+        head = [name, row.get("source"), row.get("kind"), row.get("rank"), row.get("clips")]
+        if row.get("status") != "ok":
+            lora_rows.append([*head, row.get("status")])
+            continue
+        on, off = row["strength"]["1.0"], row["strength"]["0.0"]
+        lora_rows.append(
+            [
+                *head,
+                on["area_ratio"],
+                off["area_ratio"],
+                on["dx"],
+                off["dx"],
+                on["motion_alignment"],
+                off["motion_alignment"],
+                row.get("effect"),
+            ]
+        )
+    lines += _table(
+        [
+            "MotionLoRA",
+            "source",
+            "kind",
+            "rank",
+            "clips",
+            "area ratio s=1",
+            "s=0",
+            "dx s=1",
+            "s=0",
+            "motion s=1",
+            "s=0",
+            "effect",
+        ],
+        lora_rows,
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value):
+    """Plain JSON values: numpy scalars as Python numbers, non-finite floats as null."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return str(value)
+    return value
+
+
+def save_results(results: Mapping, path: str | os.PathLike) -> Path:
+    """Write the results as JSON, atomically (a temporary file beside it, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _extra(text: str) -> tuple[str, tuple[str, dict]]:
+    """NAME=PATH[,rank=R,clips=N,kind=K] -> (name, (path, info))."""
+    name, _, rest = text.partition("=")
+    path, *pairs = rest.split(",")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[,rank=R,clips=N], got {text!r}")
+    info = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        info[key] = int(value) if value.isdigit() else value
+    return name, (path, info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
+    p.add_argument("--frames", type=int, default=NUM_FRAMES)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--quick", action="store_true", help="2 prompts, 1 seed")
+    p.add_argument("--device")
+    p.add_argument(
+        "--extra-motion-lora",
+        type=_extra,
+        action="append",
+        default=[],
+        metavar="NAME=PATH[,rank=R,clips=N]",
+    )
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    results = evaluate(
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        num_frames=args.frames,
+        quick=args.quick,
+        seeds=args.seeds,
+        extra_motion_loras=dict(args.extra_motion_lora),
+        device=args.device,
+    )
+    print(format_table(results))
+    if args.out:
+        print(f"results: {save_results(results, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
