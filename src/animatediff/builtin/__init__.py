@@ -1,9 +1,11 @@
 """The built-in default model, so that the first command works with nothing downloaded.
 
-Until trained miniature weights ship with the package (`builtin/data/`), the default is a tiny
-Stable-Diffusion-1.5-architecture model with *random* weights, built in code from a fixed seed
-on first use and cached: it exercises every code path (CLIP, UNet, VAE, motion module), but its
-animations are coloured noise, not pictures.
+The package ships a miniature world's models in `builtin/data/` (built by
+`python -m animatediff.world.build`, see the README): a tiny Stable-Diffusion-1.5-architecture
+base, a motion module, a domain adapter, personal styles and MotionLoRAs, found by name through
+`manifest()`. Without them (a source tree without the data), the default is a tiny model with
+*random* weights, built in code from a fixed seed on first use and cached: it exercises every
+code path, but its animations are coloured noise.
 """
 
 from __future__ import annotations
@@ -147,10 +149,30 @@ def write_word_tokenizer(folder: Path, words: tuple[str, ...] = WORDS) -> None:
     )
 
 
+def tiny_text_encoder(tokenizer):
+    """A 2-layer, 32-wide CLIP text encoder for a word tokenizer (random weights)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=1,
+        )
+    )
+
+
 def build_random_model(folder: Path) -> None:
     """A tiny SD1.5-architecture model folder plus a v3-layout motion module, seeded."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from ..checkpoints.motion import save_motion_module
     from ..motion import MotionModuleConfig, MotionModules
@@ -160,19 +182,7 @@ def build_random_model(folder: Path) -> None:
     base = folder / "base"
     write_word_tokenizer(base / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=1,
-    )
-    CLIPTextModel(text_config).save_pretrained(base / "text_encoder")
+    tiny_text_encoder(tokenizer).save_pretrained(base / "text_encoder")
     channels = (32, 64, 64, 64)
     UNet2DConditionModel(
         sample_size=16,

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only pre-encode the dataset's latents into DIR (then train with data.cache: DIR)",
     )
     sub.add_parser("models", help="list the built-in models, styles and MotionLoRAs")
+    from ..world.evaluate import add_arguments
+
+    add_arguments(sub.add_parser("evaluate", help="measure the built-in models (paper's Table 1)"))
     i = sub.add_parser("inspect", help="what a checkpoint file is")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
@@ -292,18 +295,20 @@ def _builtin_names(run: Run) -> Run:
     """Built-in style and MotionLoRA names (`animatediff models`) -> their files."""
     from .. import builtin
 
-    if (
-        run.personal
-        and not Path(run.personal).exists()
-        and run.personal in builtin.manifest()["personal"]
-    ):
+    names = builtin.manifest()
+    if run.personal and not Path(run.personal).exists():
+        if run.personal not in names["personal"]:
+            known = ", ".join(names["personal"]) or "none installed"
+            raise UsageError(
+                f"--personal: no file and no built-in style {run.personal!r} ({known})"
+            )
         kind, path = builtin.personal(run.personal)
         run.personal = str(path) if kind == "checkpoint" else None
         if kind == "lora":
             run.loras = [*run.loras, (str(path), 1.0)]
     run.motion_loras = [
         (str(builtin.motion_lora(p)), s)
-        if not Path(p).exists() and p in builtin.manifest()["motion_loras"]
+        if not Path(p).exists() and p in names["motion_loras"]
         else (p, s)
         for p, s in run.motion_loras
     ]
@@ -433,6 +438,12 @@ def _check_free(output: Path, overwrite: bool) -> None:
 
 
 # -- models / convert / inspect -------------------------------------------------------------------
+def cmd_evaluate(args) -> None:
+    from ..world.evaluate import run
+
+    run(args)
+
+
 def cmd_models(args) -> None:
     from .. import builtin
 
@@ -525,6 +536,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "inspect": cmd_inspect,
     "models": cmd_models,
+    "evaluate": cmd_evaluate,
     "train": cmd_train,
 }
 

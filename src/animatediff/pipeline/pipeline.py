@@ -505,9 +505,9 @@ class AnimationPipeline:
         n = len(self.controlnets)
         if n == 0:
             raise ValueError("controlnet_images need ControlNets: load(..., controlnets=[...])")
-        per_net = (
-            list(images) if n > 1 or isinstance(images, list) and len(images) == n else [images]
-        )
+        # One entry per ControlNet; with a single ControlNet its frames may be given directly.
+        one_each = n > 1 or (isinstance(images, list) and len(images) == 1)
+        per_net = list(images) if one_each else [images]
         if len(per_net) != n:
             raise ValueError(f"{len(per_net)} controlnet_images for {n} ControlNets")
 

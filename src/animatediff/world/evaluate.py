@@ -95,7 +95,123 @@ NUM_FRAMES = 16
 STEPS = 25
 GUIDANCE_SCALE = 7.5
 NEGATIVE_PROMPT = ""
-SEEDS = (0, 1, 2)
+SEEDS = (0,)  # one seed per prompt keeps a full run to minutes on a CPU
+QUICK_SEEDS = (0,)
+STILLS_MIN = 1e-6  # a stills style score below this makes the domain similarity undefined
+SKIPPED = "skipped: not installed"
+
+
+def _prompt(kind: str, *sprites: tuple[str, str], background: str, **words) -> str:
+    scene = Scene(tuple(Sprite(shape, colour) for shape, colour in sprites), background)
+    return caption(scene, kind, **words)
+
+
+# Every colour, shape and background, and each object motion (two per motion kind).
+PROMPTS: tuple[str, ...] = (  # ordered so that any first N covers the kinds of motion evenly
+    _prompt("static", ("circle", "red"), background="black"),
+    _prompt("move", ("square", "blue"), background="white", direction="left", speed="slowly"),
+    _prompt("grow", ("circle", "yellow"), background="green"),
+    _prompt("shrink", ("triangle", "blue"), background="black"),
+    _prompt("turn", ("square", "purple"), background="white"),
+    _prompt("move", ("triangle", "white"), background="green", direction="right", speed="quickly"),
+    _prompt("static", ("star", "yellow"), ("circle", "red"), background="blue"),
+    _prompt("move", ("circle", "purple"), background="black", direction="right", speed="slowly"),
+    _prompt("move", ("star", "green"), background="white", direction="left", speed="quickly"),
+    _prompt("grow", ("square", "red"), background="blue"),
+    _prompt("shrink", ("star", "white"), background="blue"),
+    _prompt("turn", ("triangle", "green"), background="black"),
+)
+QUICK_PROMPTS`` and one seed. Extras that are not installed (``builtin.manifest()`` empty,
+no adapter, no baseline) give rows with ``status`` "skipped: not installed"; a row that fails
+records "error: ..." and the evaluation goes on.
+
+Rows (the ``results`` keys; every animated row holds the clip metrics below):
+  main                          built-in base + motion module, domain adapter NOT applied
+  personal[NAME]                each personal style (checkpoint or kohya LoRA) + the motion module
+  baselines.frame_by_frame[M]   model M ("base" or a style) with ``motion_scale=0``: the image
+                                model frame by frame; these frames are also M's own stills
+  baselines.image_layers[M]     the motion module trained with the image layers fine-tuned
+                                (``builtin.baseline()``) inserted into style M; for "base", with
+                                its own fine-tuned UNet
+  adapter["1.0" | "0.0"]        base + motion module with the domain adapter merged at that scale
+                                ("0.0" is the main row)
+  motion_loras[NAME]            a MotionLoRA (built-in or ``extra_motion_loras``) at strength
+                                "1.0" and "0.0" on camera-motion prompts (``CAMERA_PROMPTS``)
+
+Clip metrics (a clip is one prompt and seed; "in most frames" = in more than half the frames):
+  text_alignment        share of clips where, in most frames, every named object is there with
+                        its colour and shape and the background has its colour
+  colour_alignment      share of clips where, in most frames, every named colour covers an object
+  shape_alignment       share of clips where, in most frames, every named colour's region has
+                        the named shape (``detect.classify_shape``)
+  background_alignment  share of clips where, in most frames, the frame border has the named
+                        background colour
+  temporal_consistency  mean ``detect.temporal_consistency``: the first frame's object keeps its
+                        colour and shape, times the mean IoU of consecutive centred masks
+  motion_smoothness     mean ``detect.motion_smoothness`` of the first frame's dominant object's
+                        centroid track (0 when the track loses it)
+  dynamic_degree        share of clips that move (``detect.is_dynamic``)
+  motion_alignment      mean ``detect.motion_alignment``: the first-named object moves as the
+                        caption's motion word says ("static": it does not move)
+  motion_alignment_by_kind  the same per caption kind (static, move, grow, shrink, turn)
+  watermark_rate        share of frames with ``detect.has_watermark``
+  style_scores          mean ``detect.style_scores`` of the frames, per style (plain, stripes,
+                        outline)
+  style_rate            share of frames whose ``detect.classify_style`` is each style
+Domain (rows with a style: "plain" for the base, the style of a personal model):
+  style_score           mean style score of the row's frames for the row's style (absolute)
+  style_score_stills    the same for the model's own stills (its frame-by-frame row)
+  domain_similarity     style_score / style_score_stills (None when the stills score < 1e-6)
+MotionLoRA (per strength; the caption's first-named colour is tracked and clips where it is
+missing in the first or last frame are left out):
+  area_ratio            mean object area last frame / first frame (zoom-in: > 1 at strength 1)
+  dx                    mean centroid x displacement last - first frame, in frame widths
+                        (pan-left: its sign is ``motion.PAN_LEFT_DX`` at strength 1)
+  tracked               share of clips where the object was found in the first and last frame
+  motion_alignment      mean ``detect.motion_alignment`` for the camera caption
+  effect                zoom-in: area_ratio at 1 is > 1 and above that at 0; pan-left: dx at 1
+                        has the sign of PAN_LEFT_DX and is larger along it than at 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .detect import (
+    MIN_AREA,
+    as_frames,
+    background_colour,
+    classify_shape,
+    has_watermark,
+    is_dynamic,
+    motion_alignment,
+    motion_smoothness,
+    object_mask,
+    style_scores,
+    temporal_consistency,
+    track,
+)
+from .motion import PAN_LEFT_DX
+from .scene import Scene, Sprite, caption, parse_caption
+from .styles import STYLES
+
+SIZE = 64
+NUM_FRAMES = 16
+STEPS = 25
+GUIDANCE_SCALE = 7.5
+NEGATIVE_PROMPT = ""
+SEEDS = (0,)  # one seed per prompt keeps a full run to minutes on a CPU
 QUICK_SEEDS = (0,)
 STILLS_MIN = 1e-6  # a stills style score below this makes the domain similarity undefined
 SKIPPED = "skipped: not installed"
@@ -121,7 +237,7 @@ PROMPTS: tuple[str, ...] = (
     _prompt("turn", ("square", "purple"), background="white"),
     _prompt("turn", ("triangle", "green"), background="black"),
 )
-QUICK_PROMPTS: tuple[str, ...] = (PROMPTS[2], PROMPTS[0])  # one moving, one static
+QUICK_PROMPTS: tuple[str, ...] = (PROMPTS[1], PROMPTS[0])  # one moving, one static
 CAMERA_PROMPTS: dict[str, tuple[str, ...]] = {
     "zoom-in": (
         _prompt("zoom-in", ("circle", "red"), background="blue"),
@@ -405,6 +521,7 @@ def evaluate(
     guidance_scale: float = GUIDANCE_SCALE,
     num_frames: int = NUM_FRAMES,
     quick: bool = False,
+    num_prompts: int | None = None,
     seeds: Sequence[int] | None = None,
     progress: Log | None = print,
     extra_motion_loras: Mapping[str, tuple[str | os.PathLike, Mapping]] | None = None,
@@ -413,7 +530,8 @@ def evaluate(
 ) -> dict:
     """Generate with the built-in model and its extras and measure them (module docstring).
 
-    ``quick``: 2 prompts, 1 seed, 1 camera prompt per MotionLoRA. ``seeds`` overrides the seeds.
+    ``quick``: 2 prompts, 1 seed, 1 camera prompt per MotionLoRA. ``num_prompts``: the first N
+    prompts only. ``seeds`` overrides the seeds.
     ``progress``: called with one line per step (None: silent). ``extra_motion_loras``:
     ``{name: (path, info)}`` with info such as ``{"rank": 2, "clips": 10}`` (and optionally
     ``"kind"``: "zoom-in" or "pan-left", else read from the name), reported beside the built-in
@@ -427,7 +545,7 @@ def evaluate(
     log: Log = progress or (lambda _: None)
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prompts = QUICK_PROMPTS if quick else PROMPTS
+    prompts = QUICK_PROMPTS if quick else PROMPTS[:num_prompts]
     seeds = tuple(int(s) for s in (seeds if seeds is not None else QUICK_SEEDS if quick else SEEDS))
     camera = {k: v[:1] if quick else v for k, v in CAMERA_PROMPTS.items()}
     sample = _Sampler(steps, guidance_scale, num_frames, size, seeds)
@@ -822,13 +940,14 @@ def _extra(text: str) -> tuple[str, tuple[str, dict]]:
     return name, (path, info)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `animatediff evaluate`."""
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--frames", type=int, default=NUM_FRAMES)
-    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
     p.add_argument("--quick", action="store_true", help="2 prompts, 1 seed")
+    p.add_argument("--prompts", type=int, help=f"the first N of the {len(PROMPTS)} prompts")
     p.add_argument("--device")
     p.add_argument(
         "--extra-motion-lora",
@@ -838,12 +957,15 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=PATH[,rank=R,clips=N]",
     )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
     results = evaluate(
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         num_frames=args.frames,
         quick=args.quick,
+        num_prompts=args.prompts,
         seeds=args.seeds,
         extra_motion_loras=dict(args.extra_motion_lora),
         device=args.device,
@@ -851,6 +973,13 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(results))
     if args.out:
         print(f"results: {save_results(results, args.out)}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

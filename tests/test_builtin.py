@@ -1,0 +1,162 @@
+"""The built-in models (the miniature world): shipped in the package, loaded offline through the
+public API, and generating clips that hold up against the shipped evaluation's own numbers.
+
+Thresholds come from `builtin/data/evaluation.json` (written by `animatediff evaluate` on these
+models): a handful of clips generated here must land between the frame-by-frame baseline and the
+evaluated motion model, not at the level of noise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from animatediff import AnimationPipeline, builtin
+from animatediff.world import evaluate as ev
+
+EVALUATION = builtin.PACKAGE_DATA / "evaluation.json"
+pytestmark = pytest.mark.skipif(
+    not EVALUATION.exists(), reason="the built-in models are not installed in this tree"
+)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return json.loads(EVALUATION.read_text())
+
+
+@pytest.fixture(scope="module")
+def pipe() -> AnimationPipeline:
+    return AnimationPipeline.load()
+
+
+def settings(results) -> dict:
+    s = results["settings"]
+    return dict(
+        num_frames=s["num_frames"],
+        height=s["height"],
+        width=s["width"],
+        num_inference_steps=s["steps"],
+        guidance_scale=s["guidance_scale"],
+        progress=False,
+    )
+
+
+def test_builtin_models_are_trained_small_and_named():
+    model = builtin.builtin_model()
+    assert model.trained
+    files = [f for f in builtin.PACKAGE_DATA.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 25 * 2**20
+    names = builtin.manifest()
+    assert {"stripes", "outline", "outline-lora"} <= set(names["personal"])
+    assert {"zoom-in", "pan-left"} <= set(names["motion_loras"])
+    out = subprocess.run(
+        [sys.executable, "-m", "animatediff.cli.main", "models"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for name in [*names["personal"], *names["motion_loras"]]:
+        assert name in out.stdout
+
+
+def test_every_builtin_extra_loads_through_the_public_api(results):
+    """Personal checkpoints (single-file LDM), the kohya LoRA, the adapter and MotionLoRAs go
+    through the same loaders as users' files, and change the result."""
+    kwargs = dict(settings(results), num_frames=4, num_inference_steps=2, seed=0)
+    plain = AnimationPipeline.load()
+    reference = plain("a red circle on a blue background", **kwargs).frames
+    for name in builtin.manifest()["personal"]:
+        kind, path = builtin.personal(name)
+        load = {"personal": path} if kind == "checkpoint" else {"loras": [(path, 1.0)]}
+        styled = AnimationPipeline.load(**load)("a red circle on a blue background", **kwargs)
+        assert (styled.frames - reference).abs().max() > 1e-3, name
+    with_adapter = AnimationPipeline.load(adapter=(builtin.adapter(), 1.0))
+    assert (
+        with_adapter("a red circle on a blue background", **kwargs).frames - reference
+    ).abs().max() > 1e-3
+    for name in builtin.manifest()["motion_loras"]:
+        plain.add_motion_lora(builtin.motion_lora(name), 1.0, name=name)
+        moved = plain("a red circle on a blue background", **kwargs).frames
+        plain.remove_motion_lora(name)
+        assert (moved - reference).abs().max() > 1e-3, name
+
+
+def test_clips_pass_thresholds_from_the_evaluation(pipe, results):
+    prompts = ev.PROMPTS[:4]
+    clips = [
+        pipe(p, seed=0, **settings(results)).frames[0].permute(1, 2, 3, 0).numpy() for p in prompts
+    ]
+    measured = ev.clip_metrics(clips, list(prompts))
+    main = results["main"]
+    frame_by_frame = results["baselines"]["frame_by_frame"]["base"]
+    # Consistency: at least halfway from the frame-by-frame baseline to the evaluated model.
+    floor = (main["temporal_consistency"] + frame_by_frame["temporal_consistency"]) / 2
+    assert measured["temporal_consistency"] >= floor, (measured, main, frame_by_frame)
+    # Text alignment over 4 clips: within one clip of the evaluated share.
+    assert measured["text_alignment"] >= main["text_alignment"] - 0.25 - 1e-9, (measured, main)
+    assert measured["motion_smoothness"] >= 0.8 * main["motion_smoothness"], (measured, main)
+
+
+def test_zoom_in_motion_lora_zooms(pipe, results):
+    """The MotionLoRA's effect the evaluation measured shows on a fresh clip: the object's
+    area grows more at strength 1 than at 0."""
+    assert results["motion_loras"]["zoom-in"]["effect"]
+    prompt = ev.CAMERA_PROMPTS["zoom-in"][0]
+    pipe.add_motion_lora(builtin.motion_lora("zoom-in"), 1.0, name="zoom-in")
+    try:
+        ratios = {}
+        for strength in (1.0, 0.0):
+            pipe.set_motion_lora_strength("zoom-in", strength)
+            clip = pipe(prompt, seed=0, **settings(results)).frames[0]
+            ratios[strength] = ev.camera_motion([clip.permute(1, 2, 3, 0).numpy()], [prompt])[
+                "area_ratio"
+            ]
+    finally:
+        pipe.remove_motion_lora("zoom-in")
+    assert ratios[1.0] > ratios[0.0] and ratios[1.0] > 1.0, ratios
+
+
+def test_default_command_writes_an_animation(tmp_path):
+    """The README's first command, on the built-in model (no model flags)."""
+    out = tmp_path / "circle.gif"
+    subprocess.run(
+        [sys.executable, "-m", "animatediff.cli.main", "generate"]
+        + ["a red circle moving on a blue background", "--seed", "0", "-o", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    from animatediff.video import read_video
+
+    video = read_video(out)
+    assert video.shape[1] == 16 and torch.isfinite(video).all()
+
+
+def test_cli_picks_builtin_styles_and_motion_loras_by_name(tmp_path):
+    out = tmp_path / "styled.gif"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "animatediff.cli.main",
+            "generate",
+            "a red circle on a blue background",
+        ]
+        + ["--personal", "stripes", "--motion-lora", "zoom-in:0.8", "--frames", "4", "--steps", "2"]
+        + ["--seed", "0", "-o", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    info = json.loads((tmp_path / "styled.gif.json").read_text())
+    assert info["models"]["personal"].endswith("stripes.safetensors")
+    assert info["motion_loras"] == {"zoom-in": 0.8}
+    bad = subprocess.run(
+        [sys.executable, "-m", "animatediff.cli.main", "generate", "a cat", "--personal", "nope"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "nope" in bad.stderr
