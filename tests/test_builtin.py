@@ -87,37 +87,48 @@ def test_every_builtin_extra_loads_through_the_public_api(results):
 
 
 def test_clips_pass_thresholds_from_the_evaluation(pipe, results):
-    prompts = ev.PROMPTS[:4]
-    clips = [
-        pipe(p, seed=0, **settings(results)).frames[0].permute(1, 2, 3, 0).numpy() for p in prompts
-    ]
-    measured = ev.clip_metrics(clips, list(prompts))
+    """Fresh clips (seed 1; the evaluation used seed 0), generated as the evaluation does,
+    against what it measured: the motion module keeps frames more consistent than the same
+    model frame by frame (same noise), and colours follow the text about as often."""
+    prompts = list(ev.PROMPTS[:4])
+    kwargs = dict(settings(results), seed=1)
+
+    def clips(motion_scale: float) -> list:
+        frames = pipe(prompts, motion_scale=motion_scale, **kwargs).frames
+        return [clip.permute(1, 2, 3, 0).numpy() for clip in frames]
+
+    animated = ev.clip_metrics(clips(1.0), prompts)
+    frame_by_frame = ev.clip_metrics(clips(0.0), prompts)
     main = results["main"]
-    frame_by_frame = results["baselines"]["frame_by_frame"]["base"]
-    # Consistency: at least halfway from the frame-by-frame baseline to the evaluated model.
-    floor = (main["temporal_consistency"] + frame_by_frame["temporal_consistency"]) / 2
-    assert measured["temporal_consistency"] >= floor, (measured, main, frame_by_frame)
-    # Text alignment over 4 clips: within one clip of the evaluated share.
-    assert measured["text_alignment"] >= main["text_alignment"] - 0.25 - 1e-9, (measured, main)
-    assert measured["motion_smoothness"] >= 0.8 * main["motion_smoothness"], (measured, main)
+    baseline = results["baselines"]["frame_by_frame"]["base"]
+    assert main["temporal_consistency"] > baseline["temporal_consistency"]  # what was measured
+    assert animated["temporal_consistency"] > frame_by_frame["temporal_consistency"], (
+        animated,
+        frame_by_frame,
+    )
+    # Colour alignment over 4 clips: within one clip of the evaluated share, and above chance
+    # (six object colours).
+    assert animated["colour_alignment"] >= main["colour_alignment"] - 0.25 - 1e-9, animated
+    assert animated["colour_alignment"] > 1 / 6
+    assert animated["dynamic_degree"] >= 0.5 * main["dynamic_degree"]
 
 
 def test_zoom_in_motion_lora_zooms(pipe, results):
-    """The MotionLoRA's effect the evaluation measured shows on a fresh clip: the object's
-    area grows more at strength 1 than at 0."""
+    """The MotionLoRA's effect the evaluation measured shows on fresh clips (seed 1): the
+    object's area grows more at strength 1 than at 0 (same noise)."""
     assert results["motion_loras"]["zoom-in"]["effect"]
-    prompt = ev.CAMERA_PROMPTS["zoom-in"][0]
+    prompts = list(ev.CAMERA_PROMPTS["zoom-in"])
     pipe.add_motion_lora(builtin.motion_lora("zoom-in"), 1.0, name="zoom-in")
     try:
         ratios = {}
         for strength in (1.0, 0.0):
             pipe.set_motion_lora_strength("zoom-in", strength)
-            clip = pipe(prompt, seed=0, **settings(results)).frames[0]
-            ratios[strength] = ev.camera_motion([clip.permute(1, 2, 3, 0).numpy()], [prompt])[
-                "area_ratio"
-            ]
+            frames = pipe(prompts, seed=1, **settings(results)).frames
+            clips = [clip.permute(1, 2, 3, 0).numpy() for clip in frames]
+            ratios[strength] = ev.camera_motion(clips, prompts)["area_ratio"]
     finally:
         pipe.remove_motion_lora("zoom-in")
+    assert None not in ratios.values(), ratios
     assert ratios[1.0] > ratios[0.0] and ratios[1.0] > 1.0, ratios
 
 

@@ -424,7 +424,7 @@ class AnimationPipeline:
                 raise ValueError(
                     "FreeInit re-draws the initial noise; not with an init image/video"
                 )
-            start_step = self.start_step(sched, num_inference_steps, strength)
+            start_step = self.start_step(num_inference_steps, strength)
         sampling = Sampling(
             sched,
             num_inference_steps,
@@ -535,7 +535,8 @@ class AnimationPipeline:
             )
         return inputs
 
-    def start_step(self, scheduler, num_steps: int, strength: float) -> int:
+    @staticmethod
+    def start_step(num_steps: int, strength: float) -> int:
         """The first step when denoising from an init noised to `strength` (diffusers' rule:
         the last `int(num_steps * strength)` steps run)."""
         if not 0 <= strength <= 1:
