@@ -171,3 +171,22 @@ def test_cli_picks_builtin_styles_and_motion_loras_by_name(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+@pytest.mark.parametrize(("first", "last", "seed"), [("black", "green", 0), ("blue", "black", 1)])
+def test_prompt_travel_frames_follow_their_key(pipe, results, first, last, seed):
+    """Prompt travel on the built-in model: frames near each key show that key's background
+    (the world's background detector), more than frames near the other key do."""
+    from animatediff.world import detect
+
+    video = pipe(
+        {0: f"a red circle on a {first} background", 15: f"a red circle on a {last} background"},
+        seed=seed,
+        **settings(results),
+    )
+    backgrounds = [detect.background_colour(f) for f in video.frames[0].permute(1, 2, 3, 0).numpy()]
+    head, tail = backgrounds[:3], backgrounds[-3:]
+    assert head.count(first) >= 2 and tail.count(last) >= 2, backgrounds
+    assert head.count(first) > tail.count(first) and tail.count(last) > head.count(last), (
+        backgrounds
+    )
