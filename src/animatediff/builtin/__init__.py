@@ -84,6 +84,12 @@ def builtin_model() -> BuiltinModel:
     """Paths of the default model: the shipped trained one if present, else the random one."""
     if (PACKAGE_DATA / "base" / "model_index.json").exists():
         return BuiltinModel(PACKAGE_DATA / "base", PACKAGE_DATA / "motion_module.safetensors", True)
+    return random_model()
+
+
+def random_model() -> BuiltinModel:
+    """The tiny random model, built in code (seeded) and cached, whatever ships: for tests that
+    need some SD1.5-architecture model but not a trained one."""
     target = cache_dir()
     if not (target / "motion_module.safetensors").exists():
         _build_atomically(target)
