@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Run, load_runs
+from .config import SAMPLING_KEYS, Run, load_runs
 
 EXIT_USAGE = 2
 DTYPES = ("fp32", "fp16", "bf16")
@@ -260,18 +260,8 @@ def _default_output(prompt: str, seed, folder: Path = Path("outputs")) -> Path:
     return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(prompt)}-{seed}.gif"
 
 
-SAMPLING_FLAGS = (
-    "context_overlap",
-    "context_stride",
-    "context_schedule",
-    "context_fuse",
-    "context_views",
-    "prompt_head",
-    "prompt_tail",
-    "prompt_interpolation",
-    "freenoise",
-    "motion_scale",
-)
+# Flags spelled as the config keys; context_length and freeinit_iterations are mapped below.
+SAMPLING_FLAGS = tuple(sorted(SAMPLING_KEYS - {"context_length", "freeinit_iterations"}))
 
 
 def _sampling_from_args(args) -> dict:
