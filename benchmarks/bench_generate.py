@@ -26,20 +26,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import resource
-import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
+from common import gpu_line, load_average, machine_info, quiet, reset_peak_rss, rss_kib
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "official_tiny"
@@ -98,68 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.size % 8:
         p.error("--size must be a multiple of 8")
     return args
-
-
-def quiet() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-
-
-# -- machine info ------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(args: argparse.Namespace) -> list[str]:
-    import diffusers
-    import transformers
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines = [
-        f"command: {shlex.join([sys.executable, sys.argv[0], *args.argv])}",
-        f"host: {platform.node()} | {platform.platform()} | Python {platform.python_version()}",
-        f"cpu: {cpu_name()} | os.cpu_count()={os.cpu_count()} usable={affinity} "
-        f"torch threads={torch.get_num_threads()}",
-        f"torch {torch.__version__} | diffusers {diffusers.__version__} | "
-        f"transformers {transformers.__version__}",
-    ]
-    if str(args.device).startswith("cuda") and torch.cuda.is_available():
-        dev = torch.device(args.device)
-        props = torch.cuda.get_device_properties(dev)
-        lines.append(
-            f"device: {args.device} = {props.name}, {props.total_memory / 2**30:.1f} GiB, "
-            f"CUDA {torch.version.cuda}"
-        )
-    else:
-        lines.append(f"device: {args.device} (no GPU used)")
-    try:
-        mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
-        lines.append(f"memory: {int(mem) / 2**20:.1f} GiB RAM")
-    except (OSError, IndexError, ValueError):
-        pass
-    lines.append(f"load average at start: {fmt_load()}")
-    return lines
-
-
-def fmt_load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 # -- weights -----------------------------------------------------------------------------------
@@ -270,21 +205,6 @@ def build_sd15_random(work: Path):
 
 
 # -- one pipeline ----------------------------------------------------------------------------
-def rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def reset_peak_rss() -> bool:
-    """Make `ru_maxrss` forget the loading peak (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def make_resident(*modules: torch.nn.Module) -> None:
     """Read every CPU weight once. Weights loaded from safetensors can stay memory-mapped and
     only enter the RSS when first used; without this a pipeline that maps its weights lazily
@@ -356,7 +276,7 @@ def run_one(which: str, spec: dict, args: argparse.Namespace) -> dict:
     make_resident(pipe.text_encoder, pipe.vae, unet)
     sync()
     load_s = time.perf_counter() - t0
-    load_before = fmt_load()
+    load_before = load_average()
 
     marks: list[float] = []
 
@@ -430,7 +350,7 @@ def run_one(which: str, spec: dict, args: argparse.Namespace) -> dict:
         memory=mem,
         video=str(video_path),
         threads=torch.get_num_threads(),
-        load_average=[load_before, fmt_load()],
+        load_average=[load_before, load_average()],
     )
     pipe = unet = None  # release the models before the next pipeline (CUDA, in-process)
     gc.collect()
@@ -597,7 +517,7 @@ def report(args, spec, ours: dict, theirs: dict, cuda: bool) -> None:
             "note: in fp16 ours keeps the VAE in fp32 (SD1.5's VAE overflows in fp16); "
             "diffusers' pipeline is all fp16"
         )
-    print(f"load average at end: {fmt_load()}")
+    print(f"load average at end: {load_average()}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -609,7 +529,13 @@ def main(argv: list[str] | None = None) -> None:
         print(RESULT_MARKER + json.dumps(run_one(args.worker, spec, args)), flush=True)
         return
 
-    for line in machine_info(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if str(args.device).startswith("cuda") and torch.cuda.is_available():
+        device = f"device: {args.device} = {gpu_line(args.device)}"
+    else:
+        device = f"device: {args.device} (no GPU used)"
+    for line in machine_info(args, device, ("diffusers", "transformers")):
         print(line)
     cuda = torch.device(args.device).type == "cuda"
     isolate = args.isolate or not cuda

@@ -35,18 +35,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import shlex
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
+from common import gpu_line, load_average, machine_info, peak_rss_mib, quiet, reset_peak_rss
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -90,66 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
     return args
-
-
-def quiet() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-
-
-# -- machine -----------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def machine_info(args: argparse.Namespace) -> list[str]:
-    import accelerate
-    import diffusers
-    import transformers
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines = [
-        f"command: {shlex.join([sys.executable, sys.argv[0], *args.argv])}",
-        f"host: {platform.node()} | {platform.platform()} | Python {platform.python_version()}",
-        f"cpu: {cpu_name()} | os.cpu_count()={os.cpu_count()} usable={usable} "
-        f"torch threads={torch.get_num_threads()}",
-        f"torch {torch.__version__} | diffusers {diffusers.__version__} | "
-        f"transformers {transformers.__version__} | accelerate {accelerate.__version__}",
-    ]
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        lines.append(
-            f"gpu: {props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}"
-        )
-    else:
-        lines.append("gpu: none (training on the CPU)")
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        lines.append(f"memory: {kib / 2**20:.1f} GiB RAM")
-    except (OSError, IndexError, ValueError):
-        pass
-    lines.append(f"load average at start: {load_average()}")
-    return lines
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -308,21 +245,6 @@ def make_config(args: argparse.Namespace, work: Path) -> dict:
     return cfg
 
 
-# -- memory ------------------------------------------------------------------------------------
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def reset_peak_rss() -> bool:
-    """Make `ru_maxrss` forget the loading peak (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # -- the run -----------------------------------------------------------------------------------
 def run(args: argparse.Namespace, work: Path) -> dict:
     from animatediff.training import Trainer, parse_config
@@ -432,7 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine_info(args)
+    device = (
+        f"gpu: {gpu_line()}" if torch.cuda.is_available() else "gpu: none (training on the CPU)"
+    )
+    info = machine_info(args, device, ("diffusers", "transformers", "accelerate"))
     if args.workdir:
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)

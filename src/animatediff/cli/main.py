@@ -446,10 +446,15 @@ def cmd_models(args) -> None:
     entries = builtin.manifest()
     for name, entry in entries["personal"].items():
         flag = f"--personal {name}"
-        print(f"{flag:<32}{entry['kind']:<12}{builtin.PACKAGE_DATA / entry['file']}")
+        print(f"{flag:<36}{entry['kind']:<12}{builtin.PACKAGE_DATA / entry['file']}")
     for name, entry in entries["motion_loras"].items():
         flag = f"--motion-lora {name}[:STRENGTH]"
-        print(f"{flag:<32}{'MotionLoRA':<12}{builtin.PACKAGE_DATA / entry['file']}")
+        about = (
+            f"  ({entry['kind']}, rank {entry['rank']}, {entry['clips']} clips)"
+            if "rank" in entry
+            else ""
+        )
+        print(f"{flag:<36}{'MotionLoRA':<12}{builtin.PACKAGE_DATA / entry['file']}{about}")
     if not entries["personal"] and not entries["motion_loras"]:
         print("no built-in styles or MotionLoRAs installed")
 

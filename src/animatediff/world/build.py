@@ -28,6 +28,13 @@ EXTRA_WORDS = ("best", "quality", "worst", "low", "bad")  # common negative-prom
 DATA = {"images": 3000, "videos": 600, "style_images": 48, "motion_lora_clips": 30}
 STYLE_LORA = "outline"  # this personal style also ships as a kohya LoRA
 MOTION_LORAS = ("zoom-in", "pan-left")
+LORA_STEPS = {"zoom-in": 200, "pan-left": 300}  # a shift across the frame is the harder one
+# MotionLoRAs trained like one above but with a lower rank or fewer clips (the first N).
+LORA_STUDIES = {
+    "zoom-in-rank2": {"kind": "zoom-in", "rank": 2},
+    "zoom-in-clips10": {"kind": "zoom-in", "clips": 10},
+}
+MOTION_RUN = "motion-2"  # the run whose motion module ships
 
 
 def _step(name: str, done: Path, fn: Callable[[], None]) -> None:
@@ -50,8 +57,12 @@ def make_data(root: Path) -> None:
         write_videos(
             root / f"motion-{kind}", DATA["motion_lora_clips"], SEED + 3 + i, (kind,), web=False
         )
-    # The first 10 of the zoom-in clips (item i depends only on the seed and i).
-    write_videos(root / "motion-zoom-in-10", 10, SEED + 3, ("zoom-in",), web=False)
+    for study in LORA_STUDIES.values():  # the first N clips (item i depends on the seed and i)
+        if "clips" in study:
+            kind = study["kind"]
+            seed = SEED + 3 + MOTION_LORAS.index(kind)
+            folder = root / f"motion-{kind}-{study['clips']}"
+            write_videos(folder, study["clips"], seed, (kind,), web=False)
     (root / "DONE").write_text("")
 
 
@@ -207,35 +218,46 @@ def stage_configs(work: Path) -> dict[str, dict]:
             },
         ),
     }
+    motion = configs["motion"]
+    # A second phase continues the module at a lower rate: the shipped module. The ablation
+    # continues the same phase-1 module for as long with the image layers trained as well.
+    configs[MOTION_RUN] = {
+        **motion,
+        "motion_module": str(work / "runs" / "motion" / "motion_module.safetensors"),
+        "output_dir": str(work / "runs" / MOTION_RUN),
+        "train": {**motion["train"], "steps": 600, "learning_rate": 5e-4, "warmup_steps": 30},
+    }
+    phase2 = configs[MOTION_RUN]
+    configs["motion-image-layers"] = {  # the design the paper argues against (an ablation)
+        **{k: v for k, v in phase2.items() if k != "adapter"},
+        "output_dir": str(work / "runs" / "motion-image-layers"),
+        "train": {**phase2["train"], "train_image_layers": True},
+    }
     for kind in MOTION_LORAS:
         configs[f"motion-lora-{kind}"] = dict(
             stage="motion_lora",
             base=str(base),
-            motion_module=str(work / "runs" / "motion" / "motion_module.safetensors"),
+            motion_module=str(work / "runs" / MOTION_RUN / "motion_module.safetensors"),
             adapter=str(work / "runs" / "adapter" / "domain_adapter.safetensors"),
             adapter_scale=0.0,
             output_dir=str(work / "runs" / f"motion-lora-{kind}"),
             data={"videos": str(data / f"motion-{kind}"), **clip},
-            train={"steps": 200, "batch_size": 4, "learning_rate": 1e-3, "rank": 8},
+            train={"steps": LORA_STEPS[kind], "batch_size": 4, "learning_rate": 1e-3, "rank": 8},
         )
-    motion = configs["motion"]
-    configs["motion-image-layers"] = {  # the design the paper argues against (an ablation)
-        **{k: v for k, v in motion.items() if k != "adapter"},
-        "output_dir": str(work / "runs" / "motion-image-layers"),
-        "train": {**motion["train"], "train_image_layers": True},
-    }
-    # How a MotionLoRA depends on its rank and number of clips (evaluated, not shipped).
-    zoom = configs["motion-lora-zoom-in"]
-    configs["motion-lora-zoom-in-rank2"] = {
-        **zoom,
-        "output_dir": str(work / "runs" / "motion-lora-zoom-in-rank2"),
-        "train": {**zoom["train"], "rank": 2},
-    }
-    configs["motion-lora-zoom-in-clips10"] = {
-        **zoom,
-        "output_dir": str(work / "runs" / "motion-lora-zoom-in-clips10"),
-        "data": {**zoom["data"], "videos": str(data / "motion-zoom-in-10")},
-    }
+    # How a MotionLoRA depends on its rank and number of clips (shipped for `evaluate`).
+    for name, study in LORA_STUDIES.items():
+        kind = study["kind"]
+        like = configs[f"motion-lora-{kind}"]
+        clips = study.get("clips", DATA["motion_lora_clips"])
+        videos = (
+            data / f"motion-{kind}-{clips}" if "clips" in study else Path(like["data"]["videos"])
+        )
+        configs[f"motion-lora-{name}"] = {
+            **like,
+            "output_dir": str(work / "runs" / f"motion-lora-{name}"),
+            "data": {**like["data"], "videos": str(videos)},
+            "train": {**like["train"], "rank": study.get("rank", like["train"]["rank"])},
+        }
     for style in STYLES:
         configs[f"personal-{style}"] = dict(
             stage="image_finetune",
@@ -276,12 +298,12 @@ def build(work: Path, only: tuple[str, ...] = ()) -> None:
     results = {  # in order of importance: the shipped models first, the ablations last
         "adapter": "domain_adapter.safetensors",
         "motion": "motion_module.safetensors",
+        MOTION_RUN: "motion_module.safetensors",
         **{f"motion-lora-{k}": "motion_lora.safetensors" for k in MOTION_LORAS},
         **{f"personal-{s}": "unet" for s in STYLES},
         f"lora-{STYLE_LORA}": "domain_adapter.safetensors",
         "motion-image-layers": "motion_module.safetensors",
-        "motion-lora-zoom-in-rank2": "motion_lora.safetensors",
-        "motion-lora-zoom-in-clips10": "motion_lora.safetensors",
+        **{f"motion-lora-{name}": "motion_lora.safetensors" for name in LORA_STUDIES},
     }
     for name, result in results.items():
         if only and name not in only:

@@ -34,12 +34,12 @@ DISTANCE = {"slowly": 0.2, "quickly": 0.4}  # frame widths travelled over a whol
 GROWTH = 1.6  # size ratio end / start of a grow (start / end of a shrink)
 TURN = 0.45  # fraction of the shape's symmetry period turned; under half, so the sense is clear
 ZOOM = 1.6  # zoom at the end of a zoom-in
-PAN = 0.3  # frame widths the camera travels in a pan
+PAN = 0.4  # frame widths the view travels in a pan
 
-# Pan convention, as in AnimateDiff's "PanLeft" MotionLoRA: the camera pans left, so the scene
-# content (sprites and background) moves RIGHT in the frame. Evaluation compares the sign of
-# the tracked centroid's x displacement with this constant.
-PAN_LEFT_DX = +1
+# Pan convention, as the built-in model's spec states it: in a "pan-left" clip the scene content
+# (sprites and background) moves LEFT in the frame. Evaluation compares the sign of the tracked
+# centroid's x displacement with this constant.
+PAN_LEFT_DX = -1
 
 
 def _plan(rng: np.random.Generator, kind: str) -> tuple[Scene, Scene, dict]:
@@ -69,9 +69,9 @@ def _plan(rng: np.random.Generator, kind: str) -> tuple[Scene, Scene, dict]:
         return start, replace(start, camera=Camera(zoom=ZOOM)), {}
     if kind == "pan-left":
         scene = random_scene(rng, 1, radius=(0.15, 0.2), pad=(PAN / 2, 0))
-        # The camera travels left (-x), so the content drifts right on screen (PAN_LEFT_DX).
-        start = replace(scene, camera=Camera(x=0.5 + PAN / 2))
-        return start, replace(scene, camera=Camera(x=0.5 - PAN / 2)), {}
+        # The view travels +x over the world, so the content drifts left on screen (PAN_LEFT_DX).
+        start = replace(scene, camera=Camera(x=0.5 - PAN / 2))
+        return start, replace(scene, camera=Camera(x=0.5 + PAN / 2)), {}
     raise ValueError(f"unknown motion kind {kind!r}; expected one of {KINDS}")
 
 

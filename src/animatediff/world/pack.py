@@ -14,7 +14,7 @@ import torch
 
 from ..builtin import PACKAGE_DATA
 from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict
-from .build import MOTION_LORAS, STYLE_LORA
+from .build import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
 from .styles import STYLES
 
 
@@ -37,6 +37,14 @@ def _base_folder(src: Path, dst: Path) -> None:
     CLIPTextModel.from_pretrained(src / "text_encoder", **kw).save_pretrained(dst / "text_encoder")
 
 
+def _motion_lora(runs: Path, tmp: Path, name: str, manifest: dict, info: dict) -> None:
+    file = f"motion_loras/{name}.safetensors"
+    _half(runs / f"motion-lora-{name}" / "motion_lora.safetensors", tmp / file)
+    config = json.loads((runs / f"motion-lora-{name}" / "config.json").read_text())
+    info = {"clips": DATA["motion_lora_clips"], "rank": config["train"]["rank"], **info}
+    manifest["motion_loras"][name] = {"file": file, **info, "steps": config["train"]["steps"]}
+
+
 def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
     from diffusers import UNet2DConditionModel
 
@@ -46,7 +54,7 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
     runs = work / "runs"
     tmp = Path(tempfile.mkdtemp(prefix=".pack-", dir=target.parent))
     _base_folder(work / "base", tmp / "base")
-    _half(runs / "motion" / "motion_module.safetensors", tmp / "motion_module.safetensors")
+    _half(runs / MOTION_RUN / "motion_module.safetensors", tmp / "motion_module.safetensors")
     _half(runs / "adapter" / "domain_adapter.safetensors", tmp / "domain_adapter.safetensors")
     manifest: dict = {"personal": {}, "motion_loras": {}}
     base = load_base(work / "base")
@@ -61,10 +69,11 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
     kohya_from_official(runs / f"lora-{STYLE_LORA}" / "domain_adapter.safetensors", tmp / lora)
     manifest["personal"][f"{STYLE_LORA}-lora"] = {"file": lora, "kind": "lora"}
     (tmp / "motion_loras").mkdir()
-    for kind in MOTION_LORAS:
-        file = f"motion_loras/{kind}.safetensors"
-        _half(runs / f"motion-lora-{kind}" / "motion_lora.safetensors", tmp / file)
-        manifest["motion_loras"][kind] = {"file": file}
+    for name in MOTION_LORAS:
+        _motion_lora(runs, tmp, name, manifest, {"kind": name})
+    for name, study in LORA_STUDIES.items():  # the rank / clip-count study, for `evaluate`
+        if (runs / f"motion-lora-{name}" / "motion_lora.safetensors").exists():
+            _motion_lora(runs, tmp, name, manifest, {**study, "study": True})
     baseline = runs / "motion-image-layers"
     if (baseline / "motion_module.safetensors").exists():  # the ablation, for `evaluate`
         (tmp / "baseline").mkdir()
