@@ -113,11 +113,12 @@ def test_clips_pass_thresholds_from_the_evaluation(pipe, results):
     assert animated["dynamic_degree"] >= 0.5 * main["dynamic_degree"]
 
 
-@pytest.mark.parametrize("kind", ["zoom-in", "pan-left"])
-def test_motion_lora_moves_its_way(pipe, results, kind):
-    """The MotionLoRA's effect the evaluation measured shows on fresh clips (seed 1), same noise
-    at strength 1 and 0: zoom-in grows the object's area more at 1 than at 0 (and above 1);
-    pan-left moves its centroid left (the sign of PAN_LEFT_DX), more than at 0."""
+# pan-left is left out: its effect shows at some seeds (0, 1) and not at others (1 and 2 pooled),
+# see the README's built-in model section; a test at one lucky seed would prove nothing.
+def test_zoom_in_motion_lora_zooms(pipe, results):
+    """The MotionLoRA's effect the evaluation measured shows on fresh clips (seeds 1 and 2), same
+    noise at strength 1 and 0: zoom-in grows the object's area more at 1 than at 0 (and above 1)."""
+    kind = "zoom-in"
     assert results["motion_loras"][kind]["effect"]
     prompts = list(ev.CAMERA_PROMPTS[kind])
     pipe.add_motion_lora(builtin.motion_lora(kind), 1.0, name=kind)
@@ -125,9 +126,11 @@ def test_motion_lora_moves_its_way(pipe, results, kind):
         measured = {}
         for strength in (1.0, 0.0):
             pipe.set_motion_lora_strength(kind, strength)
-            frames = pipe(prompts, seed=1, **settings(results)).frames
-            clips = [clip.permute(1, 2, 3, 0).numpy() for clip in frames]
-            measured[strength] = ev.camera_motion(clips, prompts)
+            clips = []
+            for seed in (1, 2):
+                frames = pipe(prompts, seed=seed, **settings(results)).frames
+                clips += [clip.permute(1, 2, 3, 0).numpy() for clip in frames]
+            measured[strength] = ev.camera_motion(clips, prompts * 2)
     finally:
         pipe.remove_motion_lora(kind)
     assert ev.camera_effect(kind, measured[1.0], measured[0.0]), measured
