@@ -993,6 +993,8 @@ def test_webdataset_shards(data: Data, tmp_path: Path):
         ({"stage": "motion_lora"}, ["motion_lora", "motion_module"]),
         ({"stage": "video"}, ["stage", "video"]),
         ({"data": {"videos": "x", "sample_size": 60}}, ["sample_size"]),
+        ({"train": {"noise": {"timesteps": [500, 200]}}}, ["noise.timesteps", "500", "200"]),
+        ({"train": {"noise": {"timesteps": [0, 1001]}}}, ["noise.timesteps", "1001"]),
     ],
 )
 def test_bad_config_is_rejected_when_parsed(change: dict, words: list[str]):
@@ -1117,3 +1119,27 @@ def test_encode_reports_unreadable_clips_instead_of_duplicating(data: Data, tmp_
     if "corrupt" not in log or "short" not in log:
         problems.append(f"the skipped videos are not reported; stderr: {stderr[-500:]!r}")
     assert not problems, "; ".join(problems)
+
+
+def test_timestep_range_bounds_the_drawn_timesteps():
+    """`noise.timesteps: [lo, hi]` draws every training timestep from [lo, hi); the default is
+    the whole schedule and draws exactly what an unbounded draw would."""
+    from animatediff.training.config import NoiseConfig
+    from animatediff.training.loss import diffusion_loss, make_noise_scheduler
+
+    seen: list[int] = []
+
+    def predict(x, t):
+        seen.extend(t.tolist())
+        return torch.zeros_like(x)
+
+    latents = torch.randn(64, 4, 2, 4, 4)
+    for noise, lo, hi in (
+        (NoiseConfig(timesteps=(700, 1000)), 700, 1000),
+        (NoiseConfig(), 0, 1000),
+    ):
+        seen.clear()
+        gens = [torch.Generator().manual_seed(i) for i in range(64)]
+        diffusion_loss(predict, latents, make_noise_scheduler(noise), noise, gens)
+        assert lo <= min(seen) and max(seen) < hi, (lo, hi, min(seen), max(seen))
+    assert min(seen) < 300  # the default really spans the schedule

@@ -51,8 +51,17 @@ class NoiseConfig:
     prediction_type: str = "epsilon"  # or "v_prediction"
     offset_noise: float = 0.0
     min_snr_gamma: float | None = None
+    # Training timesteps are drawn uniformly from [lo, hi). A MotionLoRA learns where things go
+    # at high noise, where the layout is decided; e.g. [400, 1000] spends its steps there.
+    timesteps: tuple[int, int] = (0, 1000)
 
     def __post_init__(self):
+        lo, hi = (int(t) for t in self.timesteps)
+        if not 0 <= lo < hi <= 1000:
+            raise ConfigError(
+                f"noise.timesteps must be [lo, hi] with 0 <= lo < hi <= 1000: {[lo, hi]}"
+            )
+        object.__setattr__(self, "timesteps", (lo, hi))
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise ConfigError(
                 f"noise.beta_schedule: {self.beta_schedule!r} (linear or scaled_linear)"

@@ -43,8 +43,8 @@ def diffusion_loss(
     """Mean over samples of the (optionally min-SNR weighted) MSE of the model's prediction."""
     device = latents.device
     noise = sample_noise(tuple(latents.shape), generators, noise_config.offset_noise).to(device)
-    steps = scheduler.config.num_train_timesteps
-    t = torch.stack([torch.randint(0, steps, (), generator=g) for g in generators]).to(device)
+    lo, hi = noise_config.timesteps
+    t = torch.stack([torch.randint(lo, hi, (), generator=g) for g in generators]).to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     if noise_config.prediction_type == "epsilon":
         target = noise

@@ -7,6 +7,10 @@ data for training and evaluating a tiny AnimateDiff. Everything is deterministic
 - ``styles``: personal styles (stripes, outline) the base model never sees
 - ``datasets``: folders of PNG/MP4 + caption files for the trainer
 - ``detect``: segmentation, shape, tracking, watermark, style and caption checks
+
+Beside them (they load models): ``build`` trains the built-in models, ``pack`` ships them,
+``evaluate`` measures the paper's claims, ``direction`` whether a module knows which way a
+motion goes.
 """
 
 from .datasets import motion_clips, write_images, write_videos
