@@ -1122,8 +1122,8 @@ def test_encode_reports_unreadable_clips_instead_of_duplicating(data: Data, tmp_
 
 
 def test_timestep_range_bounds_the_drawn_timesteps():
-    """`noise.timesteps: [lo, hi]` draws every training timestep from [lo, hi); the default is
-    the whole schedule and draws exactly what an unbounded draw would."""
+    """`noise.timesteps: [lo, hi]` draws every training timestep from [lo, hi); the default
+    spans the whole schedule."""
     from animatediff.training.config import NoiseConfig
     from animatediff.training.loss import diffusion_loss, make_noise_scheduler
 

@@ -61,6 +61,14 @@ def motion_lora(name: str) -> Path:
     return _named("motion_loras", name, "MotionLoRA")["path"]
 
 
+def motion_lora_file(name_or_path: str) -> str:
+    """A MotionLoRA argument as a file: an existing path as it is, else a built-in name's file,
+    else unchanged (so that loading it names the missing file)."""
+    if not Path(name_or_path).exists() and name_or_path in manifest()["motion_loras"]:
+        return str(motion_lora(name_or_path))
+    return name_or_path
+
+
 def adapter() -> Path | None:
     """The built-in domain adapter (the motion module was trained with it applied)."""
     path = PACKAGE_DATA / "domain_adapter.safetensors"

@@ -296,12 +296,7 @@ def _builtin_names(run: Run) -> Run:
         run.personal = str(path) if kind == "checkpoint" else None
         if kind == "lora":
             run.loras = [*run.loras, (str(path), 1.0)]
-    run.motion_loras = [
-        (str(builtin.motion_lora(p)), s)
-        if not Path(p).exists() and p in names["motion_loras"]
-        else (p, s)
-        for p, s in run.motion_loras
-    ]
+    run.motion_loras = [(builtin.motion_lora_file(p), s) for p, s in run.motion_loras]
     return run
 
 

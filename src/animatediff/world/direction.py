@@ -66,16 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     pipe = AnimationPipeline.load()
     latents, captions = encode_clips(pipe, args.kind, args.clips, args.seed)
-    strengths = [0.0]
     if args.motion_lora:
-        names = builtin.manifest()["motion_loras"]
-        lora = (
-            builtin.motion_lora(args.motion_lora) if args.motion_lora in names else args.motion_lora
-        )
-        pipe.add_motion_lora(lora, 1.0, name="lora")
-        strengths = [0.0, 1.0]
+        pipe.add_motion_lora(builtin.motion_lora_file(args.motion_lora), 1.0, name="lora")
     print(f"{args.clips} {args.kind} clips; loss forward / backward (ratio) per timestep")
-    for strength in strengths:
+    for strength in [0.0, 1.0] if args.motion_lora else [0.0]:
         if args.motion_lora:
             pipe.set_motion_lora_strength("lora", strength)
         losses = direction_losses(pipe, latents, captions)
