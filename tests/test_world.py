@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from animatediff.world import (
@@ -318,3 +319,15 @@ def test_motion_clips_are_camera_motion_only():
         assert np.array_equal(items[0][0], motion_clips(kind, 1, seed=0, num_frames=4)[0][0])
     with pytest.raises(ValueError):
         motion_clips("move", 1, seed=0)
+
+
+def test_mix_frames_takes_frame_f_of_clip_i_from_clip_i_plus_f():
+    from animatediff.world.direction import coherence_losses, mix_frames
+
+    x = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 1, 4, 1, 1)  # value = 4 * clip + frame
+    mixed = mix_frames(x)
+    for i in range(3):
+        for f in range(4):
+            assert mixed[i, 0, f, 0, 0] == 4 * ((i + f) % 3) + f
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        coherence_losses(None, x[:1])

@@ -10,7 +10,7 @@ data for training and evaluating a tiny AnimateDiff. Everything is deterministic
 
 Beside them (they load models): ``build`` trains the built-in models, ``pack`` ships them,
 ``evaluate`` measures the paper's claims, ``direction`` whether a module knows which way a
-motion goes.
+motion goes and how much it draws on the other frames.
 """
 
 from .datasets import motion_clips, write_images, write_videos
