@@ -161,14 +161,11 @@ def test_motion_module_draws_on_the_other_frames(pipe):
     from animatediff.world.direction import coherence_losses, encode_clips
 
     latents, _ = encode_clips(pipe, "static", clips=4, seed=3000)
-    ratio, previous = {}, pipe.unet.motion_scale
-    try:
-        for scale in (1.0, 0.0):
-            pipe.unet.motion_scale = scale
+    ratio = {}
+    for scale in (1.0, 0.0):
+        with pipe.motion_scale(scale):
             losses = coherence_losses(pipe, latents, timesteps=(100, 500))
-            ratio[scale] = [m / c for c, m in zip(losses["clips"], losses["mixed"])]
-    finally:
-        pipe.unet.motion_scale = previous
+        ratio[scale] = [m / c for c, m in zip(losses["clips"], losses["mixed"])]
     assert min(ratio[1.0]) > 1.5, ratio
     assert all(abs(r - 1) < 1e-3 for r in ratio[0.0]), ratio
 

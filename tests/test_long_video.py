@@ -161,3 +161,16 @@ def test_peak_memory_is_bounded_by_the_window(tmp_path_factory, pipe):
     assert windowed <= 1.5 * sixteen, (sixteen, windowed)
     # The measurement can tell them apart: all 64 frames at once cost about three times as much.
     assert whole > 2 * sixteen, (sixteen, whole)
+
+
+def test_motion_scale_context_restores_the_scale(pipe):
+    """`pipe.motion_scale` sets the scale inside its block and restores it on exit, also when
+    the block raises."""
+    before = pipe.unet.motion_scale
+    with pipe.motion_scale(0.0):
+        assert pipe.unet.motion_scale == 0.0
+    assert pipe.unet.motion_scale == before
+    with pytest.raises(RuntimeError), pipe.motion_scale([0.5, 1.0]):
+        assert torch.equal(pipe.unet.motion_scale, torch.tensor([0.5, 1.0]))
+        raise RuntimeError("inside")
+    assert pipe.unet.motion_scale == before

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -436,7 +436,7 @@ class AnimationPipeline:
             tuple(controls),
             start_step,
         )
-        with self._motion_scale(motion_scale):
+        with self.motion_scale(motion_scale):
             if init_frames is None:
                 latents = self.sample_with_freeinit(
                     noise, text, sampling, freeinit_iterations, freeinit_filter
@@ -573,7 +573,9 @@ class AnimationPipeline:
             sampling.scheduler.set_begin_index(sampling.start_step)
 
     @contextlib.contextmanager
-    def _motion_scale(self, scale: float | Sequence[float]):
+    def motion_scale(self, scale: float | Sequence[float]) -> Iterator[None]:
+        """Scale the motion modules' effect inside a `with` block (0 turns them off: frames
+        are denoised one by one; a sequence gives one scale per frame); restored on exit."""
         previous = self.unet.motion_scale
         self.unet.motion_scale = (
             float(scale)

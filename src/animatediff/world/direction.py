@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.coherence:
         print(f"{args.clips} {args.kind} clips; loss clips / frames mixed (ratio) per timestep")
         for scale in (1.0, 0.0):
-            pipe.unet.motion_scale = scale
-            losses = coherence_losses(pipe, latents)
+            with pipe.motion_scale(scale):
+                losses = coherence_losses(pipe, latents)
             name = "with the motion module" if scale else "without it"
             print(f"{name}: " + _row(TIMESTEPS, losses["clips"], losses["mixed"]))
         return
