@@ -125,7 +125,7 @@ def build_sd15_random(folder: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from animatediff.builtin import write_word_tokenizer
-    from animatediff.pipeline.schedulers import ANIMATEDIFF_SCHEDULE
+    from animatediff.schedule import ANIMATEDIFF_SCHEDULE
 
     print(f"building a random SD1.5-size model in {folder} (once)...", flush=True)
     tmp = folder.with_name(folder.name + ".tmp")

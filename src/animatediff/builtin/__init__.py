@@ -190,7 +190,7 @@ def build_random_model(folder: Path) -> None:
 
     from ..checkpoints.motion import save_motion_module
     from ..motion import MotionModuleConfig, MotionModules
-    from ..pipeline.schedulers import ANIMATEDIFF_SCHEDULE
+    from ..schedule import ANIMATEDIFF_SCHEDULE
 
     torch.manual_seed(SEED)
     base = folder / "base"

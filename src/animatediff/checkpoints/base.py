@@ -128,7 +128,7 @@ def save_diffusers_folder(
 
     from diffusers import DDIMScheduler
 
-    from ..pipeline.schedulers import ANIMATEDIFF_SCHEDULE
+    from ..schedule import ANIMATEDIFF_SCHEDULE
 
     output = Path(output)
     if output.exists() and not overwrite:

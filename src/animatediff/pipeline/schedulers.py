@@ -16,14 +16,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-ANIMATEDIFF_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="linear",
-    steps_offset=1,
-    clip_sample=False,
-)
+from ..schedule import ANIMATEDIFF_SCHEDULE
 
 SCHEDULERS = {
     "ddim": (DDIMScheduler, {}),

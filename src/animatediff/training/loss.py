@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDPMScheduler
 
-from ..pipeline.schedulers import ANIMATEDIFF_SCHEDULE
+from ..schedule import ANIMATEDIFF_SCHEDULE
 from .config import NoiseConfig
 
 

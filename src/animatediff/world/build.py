@@ -90,7 +90,7 @@ def make_base_skeleton(folder: Path) -> None:
     from transformers import CLIPTokenizer
 
     from ..builtin import tiny_text_encoder, write_word_tokenizer
-    from ..pipeline.schedulers import ANIMATEDIFF_SCHEDULE
+    from ..schedule import ANIMATEDIFF_SCHEDULE
 
     torch.manual_seed(SEED)
     write_word_tokenizer(folder / "tokenizer", tuple(VOCABULARY) + EXTRA_WORDS)
