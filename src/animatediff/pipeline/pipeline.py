@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class Sampling:
     generator: torch.Generator | None
     controls: tuple = ()  # SparseCtrlInput / ControlNetInput, their residuals summed
     start_step: int = 0  # > 0 when denoising an init image or video from a strength
+    callback: Callable[[int, int], None] | None = None  # (steps done, total); raise to stop
 
 
 def _jsonable(value):
@@ -335,6 +336,7 @@ class AnimationPipeline:
         init_video: FramesLike | None = None,
         strength: float = 0.8,
         output_type: str = "video",
+        callback: Callable[[int, int], None] | None = None,
     ) -> Video | torch.Tensor:
         """Generate `len(prompt) * num_videos_per_prompt` videos of `num_frames` frames.
 
@@ -354,7 +356,9 @@ class AnimationPipeline:
         `controlnet_scale`/`_start`/`_end` (a number for all, or one each). `init_image`
         (img2vid) or `init_video` (vid2vid; `num_frames` defaults to its length) is encoded and
         noised to `strength` (0 keeps it, 1 ignores it). `output_type="latents"` returns the
-        denoised latents (b, 4, f, h/8, w/8) instead of decoding them.
+        denoised latents (b, 4, f, h/8, w/8) instead of decoding them. `callback(done, total)`
+        is called after every denoising step (FreeInit: every step of every pass); an exception
+        raised in it stops the generation.
         """
         if output_type not in ("video", "latents"):
             raise ValueError(f"output_type must be 'video' or 'latents', not {output_type!r}")
@@ -435,6 +439,7 @@ class AnimationPipeline:
             generator,
             tuple(controls),
             start_step,
+            callback,
         )
         with self.motion_scale(motion_scale):
             if init_frames is None:
@@ -635,6 +640,8 @@ class AnimationPipeline:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + sampling.guidance_scale * (cond - uncond)
             latents = scheduler.step(noise, t, latents, generator=sampling.generator).prev_sample
+            if sampling.callback is not None:
+                sampling.callback(step + 1 - sampling.start_step, len(steps))
         return latents
 
     def predict(self, sample, t, text, sampling: Sampling, step: int, num_steps: int):
