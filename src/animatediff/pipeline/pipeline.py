@@ -35,7 +35,13 @@ from ..vae import decode_latents, encode_frames
 from ..video import Video
 from .context import ContextOptions, WindowAccumulator, context_windows, window_text
 from .inputs import FramesLike, as_frames, as_image
-from .noise import FREEINIT_DEFAULTS, freeinit_reinit, freenoise_latents, freq_filter
+from .noise import (
+    FREEINIT_DEFAULTS,
+    freeinit_reinit,
+    freenoise_latents,
+    freq_filter,
+    mix_shared_noise,
+)
 from .prompt import encode_prompts
 from .schedulers import make_scheduler
 from .travel import compose_prompt, frame_embeddings, travel_prompts
@@ -321,6 +327,7 @@ class AnimationPipeline:
         prompt_tail: str = "",
         prompt_interpolation: str = "linear",
         freenoise: bool = False,
+        shared_noise: float | None = None,
         freeinit_iterations: int = 0,
         freeinit_filter: str = "butterworth",
         motion_scale: float | Sequence[float] = 1.0,
@@ -345,7 +352,9 @@ class AnimationPipeline:
         height/width default to the model's native size (512 for SD1.5). `latents`
         (b, 4, f, h/8, w/8) replace the seeded noise. Clips longer than `context_length` are
         denoised in overlapping windows (`context_*`; `None` samples all frames at once;
-        `context_views` windows only the motion modules). `freenoise` reschedules the noise
+        `context_views` windows only the motion modules). `shared_noise` (default: the motion
+        module's own, 0 for released modules) mixes a noise frame common to all frames into each
+        frame's noise, as the module was trained. `freenoise` reschedules the noise
         of later windows; `freeinit_iterations` > 0 enables FreeInit; `motion_scale` scales the
         motion modules' effect (a number, or one per frame).
 
@@ -402,6 +411,10 @@ class AnimationPipeline:
         )
         generator = self.generator(seed)
         noise = self.initial_noise(videos, num_frames, height, width, generator, latents)
+        if shared_noise is None:
+            shared_noise = self.unet.config.shared_noise
+        if latents is None:
+            noise = mix_shared_noise(noise, shared_noise, generator)
         if freenoise and context is not None:
             noise = freenoise_latents(noise, context_length, context_overlap, generator)
         controls = self._sparsectrl_inputs(
@@ -469,6 +482,7 @@ class AnimationPipeline:
             if context is None
             else {**dataclasses.asdict(context), "views": context_views},
             freenoise=freenoise,
+            shared_noise=shared_noise,
             freeinit_iterations=freeinit_iterations,
             motion_scale=_jsonable(motion_scale),
             control_frames=None if control_images is None else list(control_frames),
