@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from animatediff import AnimationPipeline
+from animatediff.options import Options
 
 FAST = dict(num_inference_steps=2, progress=False, seed=1)
 
@@ -61,7 +62,8 @@ def test_views_run_image_layers_on_all_frames(pipe):
 
 def test_prompt_travel_embeddings(pipe):
     keys = {0: "a red circle", 8: "a blue square", -1: "a green star"}
-    text = pipe.conditioning(keys, "", num_frames=12, videos=2, guidance=True)
+    options = Options.build(dict(num_frames=12, num_videos_per_prompt=2))
+    text = pipe.text(keys, "", options, guided=True)
     assert text.shape == (2 * 2 * 12, 77, pipe.text_encoder.config.hidden_size)
     cond = text[2 * 12 :].view(2, 12, 77, -1)
     from animatediff.pipeline.prompt import encode_prompts
@@ -114,6 +116,7 @@ def test_motion_scale(pipe):
 PEAK = """
 import gc, json, sys, torch
 from animatediff import AnimationPipeline
+from animatediff.options import Options
 
 def high_water_kib():
     for line in open("/proc/self/status"):
@@ -163,14 +166,16 @@ def test_peak_memory_is_bounded_by_the_window(tmp_path_factory, pipe):
     assert whole > 2 * sixteen, (sixteen, whole)
 
 
-def test_motion_scale_context_restores_the_scale(pipe):
-    """`pipe.motion_scale` sets the scale inside its block and restores it on exit, also when
-    the block raises."""
-    before = pipe.unet.motion_scale
-    with pipe.motion_scale(0.0):
-        assert pipe.unet.motion_scale == 0.0
-    assert pipe.unet.motion_scale == before
-    with pytest.raises(RuntimeError), pipe.motion_scale([0.5, 1.0]):
-        assert torch.equal(pipe.unet.motion_scale, torch.tensor([0.5, 1.0]))
-        raise RuntimeError("inside")
-    assert pipe.unet.motion_scale == before
+def test_motion_scale_is_per_call(pipe):
+    """The motion scale is an argument of the UNet's call, not state left on the model: a call
+    with scale 0 changes nothing for the next call, and scale 0 is the image model alone."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 6, 16, 16)
+    text = pipe.encode(["a red circle"])
+    t = torch.tensor(500)
+    before = pipe.unet(x, t, text)
+    off = pipe.unet(x, t, text, motion_scale=0.0)
+    assert torch.equal(pipe.unet(x, t, text), before)
+    assert not torch.equal(off, before)
+    frames = pipe.unet.unet(x.transpose(1, 2).flatten(0, 1), t, text.repeat(6, 1, 1)).sample
+    assert torch.allclose(off, frames.view(1, 6, 4, 16, 16).transpose(1, 2), atol=1e-5)

@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..schedule import ANIMATEDIFF_SCHEDULE
 from .io import CheckpointError, check_keys, first_keys, load_state_dict
 
 LDM_UNET = "model.diffusion_model."
@@ -118,18 +121,32 @@ def load_vae_file(model: ImageModel, path: str | Path) -> None:
     model.vae.load_state_dict(sd)
 
 
+def save_base_folder(folder: str | Path, model: ImageModel) -> Path:
+    """Write `model` as a diffusers SD1.5 folder (every part, AnimateDiff's DDIM scheduler and
+    `model_index.json`), the layout `load_base` and diffusers' pipelines read."""
+    folder = Path(folder)
+    for name in ("tokenizer", "text_encoder", "vae", "unet"):
+        getattr(model, name).save_pretrained(folder / name)
+    DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def save_diffusers_folder(
     single_file: str | Path, base: str | Path, output: str | Path, overwrite: bool = False
 ) -> Path:
     """Convert a single-file checkpoint into a diffusers SD1.5 folder (configs and tokenizer
     from `base`), written under a temporary name and renamed into place."""
-    import shutil
-    import tempfile
-
-    from diffusers import DDIMScheduler
-
-    from ..schedule import ANIMATEDIFF_SCHEDULE
-
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists (use --overwrite)")
@@ -138,18 +155,7 @@ def save_diffusers_folder(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        for name in ("tokenizer", "text_encoder", "vae", "unet"):
-            getattr(model, name).save_pretrained(tmp / name)
-        DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(tmp / "scheduler")
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        save_base_folder(tmp, model)
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from ..checkpoints.io import CheckpointError, check_keys, load_state_dict
-from ..motion.unet import fold_frames, per_frame_inputs
+from ..motion.frames import fold_frames, per_frame_inputs
+from ..video.inputs import as_frames
 from .residuals import Residuals, active
 
 EMBEDDING = "controlnet_cond_embedding.conv_in.weight"
@@ -81,3 +83,52 @@ class ControlNetInput:
             return_dict=False,
         )
         return Residuals(list(down), mid)
+
+
+def controlnet_inputs(
+    models: list[ControlNetModel],
+    images,
+    scales: float | Sequence[float],
+    starts: float | Sequence[float],
+    ends: float | Sequence[float],
+    num_frames: int,
+    size: tuple[int, int],
+    device: torch.device,
+) -> list[ControlNetInput]:
+    """One :class:`ControlNetInput` per loaded ControlNet: its frames (one entry per ControlNet;
+    with a single ControlNet its frames may be given directly) resized to `size` (h, w), and its
+    scale / start / end (one number for all, or one each)."""
+    n = len(models)
+    if n == 0:
+        raise ValueError("controlnet_images need ControlNets: load(..., controlnets=[...])")
+    one_each = n > 1 or (isinstance(images, list | tuple) and len(images) == 1)
+    per_net = list(images) if one_each else [images]
+    if len(per_net) != n:
+        raise ValueError(f"{len(per_net)} controlnet_images for {n} ControlNets")
+    inputs = []
+    for model, frames, scale, start, end in zip(
+        models,
+        per_net,
+        one_per("controlnet_scale", scales, n),
+        one_per("controlnet_start", starts, n),
+        one_per("controlnet_end", ends, n),
+    ):
+        frames = as_frames(frames, *size, "controlnet_images")
+        if frames.shape[2] < num_frames:
+            raise ValueError(
+                f"controlnet_images has {frames.shape[2]} frames for {num_frames} video frames"
+            )
+        inputs.append(
+            ControlNetInput(model, frames[:, :, :num_frames].to(device), scale, start, end)
+        )
+    return inputs
+
+
+def one_per(name: str, value: float | Sequence[float], n: int) -> list[float]:
+    """A number for each of `n` items: one for all, or a sequence of exactly `n`."""
+    values = [float(value)] * n if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) == 1 and n > 1:
+        values = values * n
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values of {name} for {n} ControlNets")
+    return values

@@ -12,7 +12,7 @@ the encoder sees zeros there, so only the condition, the timestep and the text d
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +22,11 @@ from torch import nn
 
 from ..checkpoints.io import CheckpointError, check_keys, load_state_dict
 from ..motion.config import MotionModuleConfig
+from ..motion.frames import fold_frames, per_frame_inputs
 from ..motion.module import MotionModules
-from ..motion.unet import MotionUNet, fold_frames, per_frame_inputs
+from ..motion.unet import BlockInputs, FrameWindow, MotionUNet, time_embedding
 from ..vae import encode_frames
+from ..video.inputs import as_frames
 from .controlnet import EMBEDDING, embedding_channels
 from .residuals import Residuals, active
 
@@ -53,20 +55,21 @@ class SparseControlNet(nn.Module):
         condition: torch.Tensor,
         mask: torch.Tensor,
         scale: float = 1.0,
+        windows: Sequence[FrameWindow] | None = None,
     ) -> Residuals:
+        """diffusers' ControlNet forward on a zero sample, with the motion modules in its down
+        blocks (over `windows` of frames when given: "views")."""
         b, _, f, _, _ = sample.shape
         t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device)
+        host = self.net.unet
+        x = torch.zeros_like(fold_frames(sample))
         cond = fold_frames(torch.cat([condition, mask], dim=1).to(sample.dtype))
-        with self.net.video(f):
-            down, mid = self.net.unet(
-                torch.zeros_like(fold_frames(sample)),
-                t,
-                text,
-                controlnet_cond=cond,
-                conditioning_scale=scale,
-                return_dict=False,
-            )
-        return Residuals(list(down), mid)
+        inputs = BlockInputs(time_embedding(host, x, t), text, None, self.net.call(f, 1.0, windows))
+        x = host.conv_in(x) + host.controlnet_cond_embedding(cond)
+        x, skips = self.net.down(x, inputs)
+        x = self.net.mid(x, inputs)
+        down = [block(s) * scale for s, block in zip(skips, host.controlnet_down_blocks)]
+        return Residuals(down, host.controlnet_mid_block(x) * scale)
 
 
 def load_sparsectrl(path: str | Path, unet: UNet2DConditionModel) -> SparseControlNet:
@@ -181,6 +184,34 @@ class SparseCtrlInput:
         if self.scale == 0 or not active(step, num_steps, self.start, self.end):
             return None
         condition, mask = self.condition.frames(frames, sample.shape[0])
-        windowed = self.model.net.frame_windows(windows) if windows else contextlib.nullcontext()
-        with windowed:
-            return self.model(sample, t, text, condition, mask, self.scale)
+        return self.model(sample, t, text, condition, mask, self.scale, windows)
+
+
+def sparsectrl_input(
+    model: SparseControlNet,
+    images,
+    frames: Sequence[int] | None,
+    scale: float,
+    sample_posterior: bool,
+    num_frames: int,
+    size: tuple[int, int],
+    vae: AutoencoderKL,
+    latent_size: tuple[int, int],
+    generator: torch.Generator | None,
+) -> SparseCtrlInput:
+    """Keyframe `images` (paths, PIL images or a tensor; resized to `size` (h, w)) placed at
+    `frames` (default: 0, 1, ...) as the encoder's condition for one generation."""
+    device = next(model.parameters()).device
+    images = as_frames(images, *size, "control_images")
+    frames = list(range(images.shape[2])) if frames is None else list(frames)
+    condition = sparse_condition(
+        model,
+        images.to(device),
+        frames,
+        num_frames,
+        vae,
+        latent_size,
+        sample_posterior=sample_posterior,
+        generator=generator,
+    )
+    return SparseCtrlInput(model, condition, scale)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from ..video import read_video, video_info
@@ -187,8 +188,6 @@ class EncodedClips(Dataset):
         return len(self.files)
 
     def __getitem__(self, sample_id: int) -> dict:
-        from safetensors import safe_open
-
         with safe_open(self.files[sample_id % len(self.files)], "pt") as f:
             item = {k: f.get_tensor(k) for k in ("mean", "std")}
             caption = f.metadata().get("caption", "")

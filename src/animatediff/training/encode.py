@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..builtin.model import resolve
 from ..checkpoints.base import load_base
 from ..checkpoints.io import save_state_dict
 from .config import Config
@@ -19,9 +20,7 @@ from .data import VideoClips, find_clips
 @torch.no_grad()
 def encode_dataset(config: Config, folder: str | Path, device: str = "cpu") -> int:
     """Write `folder/000000.safetensors`, ...; returns the number of clips written."""
-    from ..builtin import builtin_model
-
-    vae = load_base(config.base or builtin_model().base).vae.to(device).eval()
+    vae = load_base(resolve(config.base)[0]).vae.to(device).eval()
     frames = config.data.num_frames if config.stage in ("motion", "motion_lora") else 1
     dataset = VideoClips(find_clips(config.data), config.data, frames, config.train.seed)
     folder = Path(folder)

@@ -7,6 +7,7 @@ forward is the noise prediction, so that data-parallel wrappers see every traina
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -185,6 +186,4 @@ class TrainModel(nn.Module):
 
 
 def _json(data) -> str:
-    import json
-
     return json.dumps(data, default=str, sort_keys=True)

@@ -9,6 +9,7 @@ batch B sees.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -19,11 +20,20 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from ..builtin.model import resolve
 from ..checkpoints.base import load_base
 from ..checkpoints.io import load_state_dict, save_state_dict
+from ..motion import MotionModuleConfig, MotionModules, MotionUNet
+from ..pipeline import AnimationPipeline
+from ..pipeline.prompt import encode_prompts
 from .config import Config, ConfigError
 from .data import EncodedClips, VideoClips, collate, collate_encoded, find_clips
 from .loss import diffusion_loss, make_noise_scheduler
@@ -75,9 +85,6 @@ def _sample_generators(seed: int, micro_step: int, positions: range) -> list[tor
 
 class Trainer:
     def __init__(self, config: Config, resume: bool = False):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         self.config = config
         self.out = Path(config.output_dir)
         self.train = config.train
@@ -114,11 +121,7 @@ class Trainer:
 
     # -- building --------------------------------------------------------------------------------
     def _build_models(self):
-        base = self.config.base
-        if base is None:
-            from ..builtin import builtin_model
-
-            base = builtin_model().base
+        base, _ = resolve(self.config.base)
         image = load_base(base)
         for part in (image.vae, image.text_encoder):
             part.requires_grad_(False)
@@ -150,8 +153,6 @@ class Trainer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
     def _build_lr_scheduler(self):
-        from diffusers.optimization import get_scheduler
-
         name = {"constant": "constant_with_warmup"}.get(
             self.train.lr_scheduler, self.train.lr_scheduler
         )
@@ -165,8 +166,6 @@ class Trainer:
     def _build_ema(self):
         if self.train.ema_decay is None:
             return None
-        from diffusers.training_utils import EMAModel
-
         return EMAModel(self.model.trainable(), decay=self.train.ema_decay)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -307,8 +306,6 @@ class Trainer:
             c if torch.rand((), generator=g) >= self.config.data.caption_dropout else ""
             for c, g in zip(batch["captions"], gens)
         ]
-        from ..pipeline.prompt import encode_prompts
-
         text = encode_prompts(self.image.tokenizer, self.image.text_encoder, captions)
         return latents, text
 
@@ -410,9 +407,6 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> list[Path]:
-        from ..motion import MotionModuleConfig, MotionModules, MotionUNet
-        from ..pipeline import AnimationPipeline
-
         model = self.accelerator.unwrap_model(self.model)
         v = self.config.validation
         motion_unet = model.motion_unet
@@ -471,15 +465,11 @@ class Trainer:
 
 
 def _has_module(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 
 def _plot_losses(metrics: Path, png: Path) -> None:
     """A small loss-curve image drawn with Pillow (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
     if not metrics.exists():
         return
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

@@ -89,7 +89,8 @@ def make_base_skeleton(folder: Path) -> None:
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from ..builtin import tiny_text_encoder, write_word_tokenizer
+    from ..builtin import write_word_tokenizer
+    from ..builtin.model import tiny_text_encoder
     from ..schedule import ANIMATEDIFF_SCHEDULE
 
     torch.manual_seed(SEED)

@@ -39,7 +39,7 @@ def encode_clips(pipe, kind: str, clips: int, seed: int) -> tuple[torch.Tensor, 
 
 
 def _losses(
-    pipe, variants: dict, captions: Sequence[str], timesteps, seed: int
+    pipe, variants: dict, captions: Sequence[str], timesteps, seed: int, motion_scale: float = 1.0
 ) -> dict[str, list[float]]:
     """Epsilon MSE per timestep of each ``name: (clips, noise-arranger)`` variant; every
     variant draws the same noise, rearranged as its clips were."""
@@ -48,7 +48,7 @@ def _losses(
 
     scheduler = make_noise_scheduler(NoiseConfig())
     first = next(iter(variants.values()))[0]
-    text = pipe.embed(list(captions), first.shape[2], "", "", "linear").to(pipe.dtype)
+    text = pipe.encode(list(captions)).to(pipe.dtype)
     g = torch.Generator().manual_seed(seed)
     noises = [torch.randn(first.shape, generator=g) for _ in timesteps]
     out: dict[str, list[float]] = {}
@@ -58,7 +58,8 @@ def _losses(
             noise = arrange(noise)
             tt = torch.full((len(clip),), t)
             noisy = scheduler.add_noise(clip, noise, tt).to(pipe.device, pipe.dtype)
-            pred = pipe.unet(noisy, tt.to(pipe.device), text).float().cpu()
+            pred = pipe.unet(noisy, tt.to(pipe.device), text, motion_scale=motion_scale)
+            pred = pred.float().cpu()
             out[name].append(((pred - noise) ** 2).mean().item())
     return out
 
@@ -84,7 +85,7 @@ def mix_frames(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def coherence_losses(
-    pipe, latents: torch.Tensor, timesteps=TIMESTEPS, seed: int = 0
+    pipe, latents: torch.Tensor, timesteps=TIMESTEPS, seed: int = 0, motion_scale: float = 1.0
 ) -> dict[str, list[float]]:
     """{"clips": [...], "mixed": [...]}: unconditional epsilon MSE per timestep on the clips and
     on their frames mixed across clips (``mix_frames``; the noise travels with its frame).
@@ -94,7 +95,7 @@ def coherence_losses(
     if len(latents) < 2:
         raise ValueError("coherence_losses needs at least 2 clips to mix")
     variants = {"clips": (latents, _same), "mixed": (mix_frames(latents), mix_frames)}
-    return _losses(pipe, variants, [""] * len(latents), timesteps, seed)
+    return _losses(pipe, variants, [""] * len(latents), timesteps, seed, motion_scale)
 
 
 def _row(timesteps, a: list[float], b: list[float]) -> str:
@@ -117,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.coherence:
         print(f"{args.clips} {args.kind} clips; loss clips / frames mixed (ratio) per timestep")
         for scale in (1.0, 0.0):
-            with pipe.motion_scale(scale):
-                losses = coherence_losses(pipe, latents)
+            losses = coherence_losses(pipe, latents, motion_scale=scale)
             name = "with the motion module" if scale else "without it"
             print(f"{name}: " + _row(TIMESTEPS, losses["clips"], losses["mixed"]))
         return

@@ -425,6 +425,7 @@ def evaluate(
     import torch
 
     from .. import builtin
+    from ..builtin.model import builtin_model
 
     log: Log = progress or (lambda _: None)
     start = time.perf_counter()
@@ -433,7 +434,7 @@ def evaluate(
     seeds = tuple(int(s) for s in (seeds if seeds is not None else QUICK_SEEDS if quick else SEEDS))
     camera = {k: v[:1] if quick else v for k, v in CAMERA_PROMPTS.items()}
     sample = _Sampler(steps, guidance_scale, num_frames, size, seeds)
-    model = builtin.builtin_model()
+    model = builtin_model()
     manifest = builtin.manifest()
     expected_personal, expected_motion_loras, motion_lora_clips = _builtin_names()
     results: dict = {

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from ..video import Video, read_video
-from ..video.read import read_frames_as_tensor, resize_center_crop
+from .read import read_frames_as_tensor, read_video, resize_center_crop
+from .write import Video
 
 FramesLike = torch.Tensor | Image.Image | Sequence[Image.Image] | Video | str | os.PathLike
 
