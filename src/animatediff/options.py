@@ -15,12 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UserError
+
 # Names only (the classes live in pipeline/schedulers.py, which imports diffusers).
 SCHEDULER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
 CONTEXT_SCHEDULES = ("static", "uniform", "looped", "batched")
 FUSE_KINDS = ("flat", "pyramid", "overlap-linear")
 FREEINIT_FILTERS = ("butterworth", "gaussian", "ideal", "box")
 INTERPOLATIONS = ("linear", "slerp")
+OUTPUT_SUFFIXES = (".gif", ".mp4", ".webp")  # and a folder name (no suffix) for PNG frames
 # Stated limits: beyond them a run cannot fit any machine this project targets.
 MAX_SIZE = 4096  # pixels per side
 MAX_FRAMES = 4096
@@ -28,8 +31,19 @@ MAX_STEPS = 1000
 MAX_VIDEOS = 64
 
 
-class OptionError(ValueError):
-    """A generation option with a wrong type or value; the message names the option."""
+class OptionError(UserError):
+    """An option with a wrong type or value; the message names the option (`name`), which the
+    CLI replaces with the flag the user typed."""
+
+    def __init__(self, message: str, name: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.name, self.detail = name, detail
+
+    def renamed(self, name: str) -> OptionError:
+        """The same error naming the option `name` (e.g. its command-line flag)."""
+        if self.name is None:
+            return self
+        return OptionError(f"{name}{self.detail}", name, self.detail)
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -39,7 +53,9 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 
 
 def _bad(name: str, value: Any, why: str) -> OptionError:
-    return OptionError(f"{name}: {why}, got {value!r}")
+    shown = value if isinstance(value, int | float) and not isinstance(value, bool) else repr(value)
+    detail = f" {shown}: {why}"
+    return OptionError(f"{name}{detail}", name, detail)
 
 
 def _number(name: str, value: Any, kind: type) -> int | float:
@@ -69,19 +85,68 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
     kind = meta.get("kind")
     if value is None or kind is None:
         return value
+    if kind == "pair":
+        return _pairs(f, value)
     if kind is bool:
         if not isinstance(value, bool):
             raise _bad(name, value, "expected true or false")
         return value
-    if kind is str:
+    if kind is str and not meta.get("sequence"):
         if not isinstance(value, str):
             raise _bad(name, value, "expected a string")
         if "choices" in meta and value not in meta["choices"]:
             raise _bad(name, value, f"expected one of {', '.join(meta['choices'])}")
         return value
     if isinstance(value, list | tuple) and meta.get("sequence"):
-        return tuple(_check_number(f, v) for v in value)
-    return _check_number(f, value)
+        return tuple(_check_scalar(f, v) for v in value)
+    return _check_scalar(f, value)
+
+
+def _check_scalar(f: dataclasses.Field, value: Any) -> Any:
+    if f.metadata["kind"] is not str:
+        return _check_number(f, value)
+    if not isinstance(value, str):
+        raise _bad(f.name, value, "expected a string")
+    return value
+
+
+def path_strength(text: str, name: str = "value") -> tuple[str, float]:
+    """`PATH[:STRENGTH]`; a colon followed by a path (e.g. `C:\\x`) belongs to the path."""
+    path, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or "\\" in tail or not path:
+        return text, 1.0
+    try:
+        strength = float(tail)
+    except ValueError:
+        detail = (
+            f": bad strength {tail!r} in {text!r}: use PATH[:STRENGTH], e.g. style.safetensors:0.8"
+        )
+        raise OptionError(f"{name}{detail}", name, detail) from None
+    if not math.isfinite(strength):
+        raise _bad(name, text, "the strength must be a finite number")
+    return path, strength
+
+
+def _pair(name: str, value: Any) -> tuple[str, float]:
+    """`"PATH[:S]"`, `(path, s)` or `[path, s]` -> (path, s)."""
+    if isinstance(value, str) or hasattr(value, "__fspath__"):
+        return path_strength(str(value), name)
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return str(value[0]), _number(name, value[1], float)
+    raise _bad(name, value, "expected PATH, PATH:STRENGTH or [PATH, STRENGTH]")
+
+
+def _pairs(f: dataclasses.Field, value: Any):
+    """One pair, or a tuple of pairs for fields that hold several (`action="append"`)."""
+    if f.metadata.get("action") != "append":
+        return _pair(f.name, value)
+    if isinstance(value, str) or (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and not isinstance(value[1], str | tuple | list)
+    ):
+        value = [value]
+    return tuple(_pair(f.name, v) for v in value)
 
 
 def _check_number(f: dataclasses.Field, value: Any) -> int | float:
@@ -105,6 +170,48 @@ class _Checked:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check_field(f, getattr(self, f.name)))
+
+
+@dataclass(frozen=True)
+class ModelOptions(_Checked):
+    """Models: files, folders, hub ids or built-in names (see `animatediff models`)."""
+
+    base: str | None = opt(
+        None, "diffusers SD1.5 folder or hub id (default: the built-in model)", kind=str
+    )
+    motion_module: str | None = opt(None, "motion module: a file, folder or hub id", kind=str)
+    motion_version: str | None = opt(
+        None, "override the detected motion-module version", kind=str, choices=("v1", "v2", "v3")
+    )
+    personal: str | None = opt(
+        None, "single-file personalised checkpoint, or a built-in style", kind=str
+    )
+    vae: str | None = opt(None, "a separate VAE file", kind=str)
+    loras: tuple[tuple[str, float], ...] = opt(
+        (), "image LoRA (kohya/A1111 or diffusers), repeatable", flag="--lora", kind="pair",
+        action="append", metavar="PATH[:STRENGTH]",
+    )  # fmt: skip
+    lora_scaling: str = opt(
+        "kohya", "LoRA alpha convention", kind=str, choices=("kohya", "official")
+    )
+    motion_loras: tuple[tuple[str, float], ...] = opt(
+        (), "MotionLoRA file or built-in name, repeatable", flag="--motion-lora", kind="pair",
+        action="append", metavar="PATH[:STRENGTH]",
+    )  # fmt: skip
+    adapter: tuple[str, float] | None = opt(
+        None, "v3 domain adapter", kind="pair", metavar="PATH[:SCALE]"
+    )
+    sparsectrl: str | None = opt(None, "SparseCtrl encoder (RGB or scribble)", kind=str)
+    controlnets: tuple[str, ...] = opt(
+        (), "SD1.5 ControlNet (folder, file or hub id), repeatable; PATH:SCALE sets its "
+        "controlnet_scale", flag="--controlnet", kind=str, action="append", sequence=True,
+        metavar="PATH[:SCALE]",
+    )  # fmt: skip
+    dtype: str | None = opt(
+        None, "precision (default: fp16 on CUDA, fp32 elsewhere)", kind=str,
+        choices=("fp32", "fp16", "bf16"),
+    )  # fmt: skip
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps", kind=str)
 
 
 @dataclass(frozen=True)

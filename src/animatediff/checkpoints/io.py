@@ -24,6 +24,8 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from ..errors import UserError
+
 __all__ = [
     "CheckpointError",
     "check_keys",
@@ -66,7 +68,7 @@ _DTYPE_NAMES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weight file is missing, unreadable, corrupt, unsafe, or not what it claims to be."""
 
     def __init__(self, path: StrPath, message: str) -> None:

@@ -9,11 +9,9 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError
+
 STAGES = ("adapter", "motion", "motion_lora", "image_finetune")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

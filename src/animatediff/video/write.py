@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..options import OUTPUT_SUFFIXES
+
 __all__ = ["SUPPORTED_SUFFIXES", "Video", "save_video", "to_uint8_frames"]
 
-SUPPORTED_SUFFIXES = (".gif", ".mp4", ".webp")
+SUPPORTED_SUFFIXES = OUTPUT_SUFFIXES
 PNG_FOLDER = "png"  # format name for "no suffix / existing directory"
 MP4_CRF = 18
 WEBP_QUALITY = 90

@@ -1,0 +1,94 @@
+"""The heavy halves of `animatediff convert`, `inspect`, `models`, `train` and `evaluate`:
+run once `cli/main.py` has parsed and checked their arguments."""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+from pathlib import Path
+
+from .. import builtin
+from ..builtin.model import builtin_model
+from ..checkpoints.base import save_diffusers_folder
+from ..checkpoints.detect import describe
+from ..checkpoints.motion import read_motion_checkpoint, save_motion_module
+from ..training import load_config, train
+from ..training.encode import encode_dataset
+from ..world import evaluate
+from .flags import UsageError
+from .render import device
+
+ORIGINAL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+def convert(args: argparse.Namespace) -> None:
+    layout = args.to or (
+        "original" if Path(args.output).suffix in ORIGINAL_SUFFIXES else "diffusers"
+    )
+    kind = describe(args.input)["kind"]
+    if kind == "motion module":
+        ckpt = read_motion_checkpoint(args.input, args.motion_version)
+        out = save_motion_module(ckpt, args.output, layout=layout, overwrite=args.overwrite)
+    elif kind == "single-file SD checkpoint":
+        if not args.base:
+            raise UsageError(
+                "converting a single-file checkpoint needs --base (an SD1.5 folder or hub id) for configs"
+            )
+        out = save_diffusers_folder(args.input, args.base, args.output, overwrite=args.overwrite)
+    else:
+        raise UsageError(f"{args.input}: cannot convert a {kind}")
+    print(f"saved {out}")
+
+
+def inspect(args: argparse.Namespace) -> None:
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f} M)"
+        print(f"{key:<{width}}  {value}")
+
+
+def models(args: argparse.Namespace) -> None:
+    model = builtin_model()
+    kind = "trained in the miniature world" if model.trained else "random weights (not trained)"
+    print(f"base            {model.base}  ({kind})")
+    print(f"motion module   {model.motion_module}")
+    if builtin.adapter():
+        print(f"domain adapter  {builtin.adapter()}  (applied with --adapter PATH[:SCALE])")
+    entries = builtin.manifest()
+    for name, entry in entries["personal"].items():
+        flag = f"--personal {name}"
+        print(f"{flag:<36}{entry['kind']:<12}{builtin.PACKAGE_DATA / entry['file']}")
+    for name, entry in entries["motion_loras"].items():
+        flag = f"--motion-lora {name}[:STRENGTH]"
+        about = (
+            f"  ({entry['kind']}, rank {entry['rank']}, {entry['clips']} clips)"
+            if "rank" in entry
+            else ""
+        )
+        print(f"{flag:<36}{'MotionLoRA':<12}{builtin.PACKAGE_DATA / entry['file']}{about}")
+    if not entries["personal"] and not entries["motion_loras"]:
+        print("no built-in styles or MotionLoRAs installed")
+
+
+def train_command(args: argparse.Namespace) -> None:
+    if os.environ.get("ANIMATEDIFF_TRACEBACK_AFTER"):  # diagnose a stuck run: stacks, then exit
+        faulthandler.dump_traceback_later(
+            float(os.environ["ANIMATEDIFF_TRACEBACK_AFTER"]), exit=True
+        )
+    if args.encode:
+        count = encode_dataset(load_config(args.config), args.encode, device=device("auto"))
+        print(f"encoded {count} clips into {args.encode}")
+        return
+    for path in train(args.config, resume=args.resume):
+        print(f"saved {path}")
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    evaluate.run(args)
