@@ -78,9 +78,8 @@ def _override(run: Run, models: dict, settings: dict) -> Run:
 
 def _say_overrides(args, given_values: dict) -> None:
     for name in given_values:
-        log.warning(
-            "--%s from the command line overrides every entry's value", name.replace("_", "-")
-        )
+        flag = flag_of(name, OPTION_CLASSES)
+        log.warning("%s from the command line overrides every entry's value", flag)
 
 
 def _prompt(args) -> str | dict:
