@@ -159,11 +159,13 @@ def unwrap_state_dict(obj: object, path: StrPath) -> dict[str, torch.Tensor]:
 
     Accepts a flat dict or one wrapped (once or twice) under ``state_dict``/``module``/``model``/
     ``controlnet``; drops non-tensor entries (``global_step``, ``epoch``, ...) and strips a
-    ``module.`` or ``_orig_mod.`` prefix shared by every key.
+    ``module.`` or ``_orig_mod.`` prefix shared by every key. A dict of groups of tensors and
+    nothing else, such as IP-Adapter's ``{"image_proj": {...}, "ip_adapter": {...}}``, becomes
+    ``{"image_proj.<key>": ..., "ip_adapter.<key>": ...}``, the layout of its safetensors files.
     """
     if not isinstance(obj, Mapping):
         raise _invalid(path, f"it holds a {type(obj).__name__}, not a dict of tensors")
-    found = _find_tensor_dict(obj, depth=0)
+    found = _find_tensor_dict(obj, depth=0) or _flatten_groups(obj)
     if found is None:
         keys = first_keys(str(k) for k in obj)
         raise _invalid(path, f"it holds no tensors; top-level keys: {keys}")
@@ -184,6 +186,18 @@ def _find_tensor_dict(obj: Mapping[object, object], depth: int) -> Mapping[objec
     if any(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     return None
+
+
+def _flatten_groups(obj: Mapping[object, object]) -> dict[str, torch.Tensor] | None:
+    """``{"group": {"key": tensor}}`` -> ``{"group.key": tensor}``, for dicts holding only groups."""
+    groups = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Mapping)}
+    flat = {
+        f"{group}.{key}": value
+        for group, inner in groups.items()
+        for key, value in inner.items()
+        if isinstance(key, str) and isinstance(value, torch.Tensor)
+    }
+    return flat or None
 
 
 def _strip_common_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
