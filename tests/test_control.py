@@ -348,9 +348,9 @@ def test_cli_sparsectrl_controlnet_and_vid2vid(tmp_path, controlnet_dir, expecte
     import json
 
     settings = json.loads((tmp_path / "s.gif.json").read_text())
-    assert settings["control_frames"] == [0] and settings["models"]["sparsectrl"]
-    assert json.loads((tmp_path / "v.mp4.json").read_text())["num_frames"] == 8
-    assert json.loads((tmp_path / "i.gif.json").read_text())["strength"] == 0.5
+    assert settings["control"]["control_frames"] == [0] and settings["models"]["sparsectrl"]
+    assert json.loads((tmp_path / "v.mp4.json").read_text())["sampling"]["num_frames"] == 8
+    assert json.loads((tmp_path / "i.gif.json").read_text())["init"]["strength"] == 0.5
     from animatediff.video import video_info
 
     assert video_info(tmp_path / "v.mp4").num_frames == 8
@@ -447,7 +447,8 @@ def test_config_controlnets_and_init_video(tmp_path, controlnet_dir):
     import json
 
     info = json.loads(settings.read_text())
-    assert info["num_frames"] == 8 and info["strength"] == 0.6  # the init video's length
+    assert info["sampling"]["num_frames"] == 8  # the init video's length
+    assert info["init"]["strength"] == 0.6
     assert info["models"]["controlnets"] == [str(tmp_path / "cn")]
     bad = dict(entry, controlnet_images=["pose"])
     config.write_text(yaml.safe_dump([bad]))

@@ -272,10 +272,10 @@ def test_insertion_and_removal_leave_the_2d_unet_untouched(ref_dir, unet2d, expe
     with torch.no_grad():
         before = unet2d(image, 500, text).sample
 
-    # v1: motion hooks plus the across-frames GroupNorm hooks
+    # v1, with its across-frames GroupNorm: nothing is attached to the 2D UNet at all
     model = MotionUNet(unet2d, load_motion_module(ref_dir / "mm_v1.ckpt"))
     assert_same_tensors(snapshot(unet2d), before_sd)
-    assert hook_count(unet2d) > hooks_before
+    assert hook_count(unet2d) == hooks_before
     with torch.no_grad():
         video = model(torch.randn(1, 4, 4, 16, 16, generator=g), 500, text[:1])
         assert video.shape == (1, 4, 4, 16, 16)
@@ -287,8 +287,6 @@ def test_insertion_and_removal_leave_the_2d_unet_untouched(ref_dir, unet2d, expe
     assert_same_tensors(snapshot(unet2d), before_sd)
     with torch.no_grad():
         assert torch.equal(unet2d(image, 500, text).sample, before)
-    with pytest.raises(RuntimeError):
-        model(torch.zeros(1, 4, 4, 16, 16), 500, text[:1])
 
 
 def test_gradients_reach_only_motion_parameters(ref_dir, unet2d, expected):

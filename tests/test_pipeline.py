@@ -26,7 +26,7 @@ def test_default_size_and_layout(pipe):
     assert video.frames.shape == (1, 3, 6, 64, 64)
     assert video.frames.dtype == torch.float32
     assert 0 <= video.frames.min() and video.frames.max() <= 1
-    assert video.info["seed"] == 0 and video.info["prompt"] == [PROMPT]
+    assert video.info["sampling"]["seed"] == 0 and video.info["prompt"] == PROMPT
 
 
 def test_seed_draws_official_noise_layout(pipe):
@@ -69,7 +69,7 @@ def test_guidance_uses_negative_prompt(pipe):
 def test_every_scheduler_runs(pipe, name):
     video = pipe(PROMPT, seed=0, scheduler=name, **FAST)
     assert torch.isfinite(video.frames).all()
-    assert video.info["scheduler"] == name
+    assert video.info["sampling"]["scheduler"] == name
 
 
 def test_default_schedule_is_animatediff_linear():
@@ -91,7 +91,7 @@ def test_long_prompt_is_truncated_with_warning(pipe):
 
 
 def test_bad_sizes_are_rejected(pipe):
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="multiple of 8"):
         pipe(PROMPT, height=60, width=64, **FAST)
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe(PROMPT, latents=torch.zeros(1, 4, 5, 16, 16), **FAST)

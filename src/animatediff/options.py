@@ -207,6 +207,14 @@ class ModelOptions(_Checked):
         "controlnet_scale", flag="--controlnet", kind=str, action="append", sequence=True,
         metavar="PATH[:SCALE]",
     )  # fmt: skip
+    ip_adapter: str | None = opt(
+        None, "IP-Adapter (ip-adapter_sd15, -plus, -plus-face); PATH:SCALE sets its scale",
+        kind=str, metavar="PATH[:SCALE]",
+    )  # fmt: skip
+    image_encoder: str | None = opt(
+        None, "the IP-Adapter's CLIP image encoder folder (default: image_encoder/ beside it)",
+        kind=str,
+    )  # fmt: skip
     dtype: str | None = opt(
         None, "precision (default: fp16 on CUDA, fp32 elsewhere)", kind=str,
         choices=("fp32", "fp16", "bf16"),
@@ -328,7 +336,8 @@ class PromptOptions(_Checked):
 
 @dataclass(frozen=True)
 class ControlInputs(_Checked):
-    """SparseCtrl keyframes and ControlNet images (images: paths, PIL images or tensors)."""
+    """SparseCtrl keyframes, ControlNet images and IP-Adapter reference images (paths, PIL
+    images or tensors)."""
 
     control_images: Any = opt(None, "SparseCtrl keyframes (images or a video)", nargs="+")
     control_frames: tuple[int, ...] | None = opt(
@@ -352,6 +361,14 @@ class ControlInputs(_Checked):
     controlnet_end: float | tuple[float, ...] = opt(
         1.0, "fraction of the steps where a ControlNet ends", kind=float, minimum=0, maximum=1,
         sequence=True, action="append",
+    )  # fmt: skip
+
+    ip_adapter_images: Any = opt(
+        None, "IP-Adapter reference image(s): one for the clip, or one per frame", nargs="+"
+    )
+    ip_adapter_scale: float = opt(
+        1.0, "IP-Adapter strength (or PATH:SCALE in --ip-adapter)", kind=float, minimum=0,
+        maximum=10,
     )  # fmt: skip
 
     def __post_init__(self) -> None:

@@ -52,7 +52,13 @@ OFFICIAL_OTHER = {
 }
 log = logging.getLogger("animatediff")
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelOptions)}
-PATH_OPTIONS = ("control_images", "controlnet_images", "init_image", "init_video")
+PATH_OPTIONS = (
+    "control_images",
+    "controlnet_images",
+    "init_image",
+    "init_video",
+    "ip_adapter_images",
+)
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,7 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
 def _settings(e: dict, root: Path) -> dict[str, Any]:
     """The entry's generation options by their names (official keys translated)."""
     settings = {OFFICIAL_OPTIONS.get(k, k): v for k, v in e.items()}
-    settings = {k: v for k, v in settings.items() if k in OWNER}
+    settings = {k: v for k, v in settings.items() if k in OWNER and k != "seed"}
     for key in PATH_OPTIONS:
         if key in settings:
             settings[key] = _paths(settings[key], root)

@@ -69,6 +69,10 @@ def _override(run: Run, models: dict, settings: dict) -> Run:
         pairs = [path_strength(c, "--controlnet") for c in models["controlnets"]]
         models = {**models, "controlnets": [p for p, _ in pairs]}
         merged.setdefault("controlnet_scale", [s for _, s in pairs])
+    if "ip_adapter" in models:
+        path, scale = path_strength(models["ip_adapter"], "--ip-adapter")
+        models = {**models, "ip_adapter": path}
+        merged.setdefault("ip_adapter_scale", scale)
     run = dataclasses.replace(
         run, models=dataclasses.replace(run.models, **models), settings=merged
     )
@@ -127,6 +131,8 @@ def check_files(models: ModelOptions) -> None:
         ("--adapter", [models.adapter[0]] if models.adapter else []),
         ("--sparsectrl", [models.sparsectrl]),
         ("--controlnet", list(models.controlnets)),
+        ("--ip-adapter", [models.ip_adapter]),
+        ("--image-encoder", [models.image_encoder]),
     ):
         for path in paths:
             hub_ok = flag in ("--base", "--controlnet") and _looks_like_hub_id(path)

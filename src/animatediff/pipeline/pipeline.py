@@ -8,9 +8,10 @@ Options come as frozen dataclasses by concern (`animatediff.options`), or as fla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +29,16 @@ from ..control import (
     sparsectrl_input,
     total_residuals,
 )
+from ..control.ip_adapter import IPAdapter, IPAdapterEmbeds, load_ip_adapter
 from ..lora import LoRASet, merge_lora
 from ..lora import merged as lora_merged
 from ..motion.frames import WindowAccumulator, window_text
 from ..motion.module import MotionModules
 from ..motion.unet import MotionUNet
-from ..options import ContextOptions, Options
+from ..options import ContextOptions, OptionError, Options
 from ..vae import decode_latents, encode_frames
 from ..video import Video
-from ..video.inputs import as_frames, as_image
+from ..video.inputs import as_frames, as_image, reference_images
 from .context import context_windows, fuse_weights
 from .noise import (
     FREEINIT_DEFAULTS,
@@ -65,6 +67,7 @@ class Plan:
     controls: tuple = ()  # SparseCtrlInput / ControlNetInput, their residuals summed
     init: torch.Tensor | None = None  # init latents (img2vid / vid2vid)
     start_step: int = 0  # > 0 when denoising an init from a strength
+    image_embeds: IPAdapterEmbeds | None = None  # IP-Adapter reference images, encoded
     progress: bool = True
     callback: Callable[[int, int], None] | None = None  # (steps done, total); raise to stop
 
@@ -107,6 +110,7 @@ class AnimationPipeline:
         self.motion_loras: dict[str, LoRASet] = {}
         self.sparsectrl = None
         self.controlnets: list = []
+        self.ip_adapter: IPAdapter | None = None
         self.sources: dict[str, object] = {}
 
     # -- loading -----------------------------------------------------------------------------
@@ -124,6 +128,8 @@ class AnimationPipeline:
         lora_scaling: str = "kohya",
         sparsectrl: str | Path | None = None,
         controlnets: Sequence[str | Path] | str | Path | None = None,
+        ip_adapter: str | Path | None = None,
+        image_encoder: str | Path | None = None,
         scheduler: str = "ddim",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
@@ -138,6 +144,8 @@ class AnimationPipeline:
         motion_loras: `[(path, strength), ...]`, attached removably. adapter: `(path, scale)`,
         the v3 domain adapter, merged. sparsectrl: a SparseCtrl encoder file (RGB or scribble).
         controlnets: SD1.5 ControlNets (diffusers folders, hub ids or single files).
+        ip_adapter: an SD1.5 IP-Adapter file, with its CLIP `image_encoder` folder (default:
+        `image_encoder/` beside the file, where the released ones sit).
         """
         base, motion_module = resolve_builtin(base, motion_module)
         if motion_module is None:
@@ -174,6 +182,9 @@ class AnimationPipeline:
             paths = [controlnets] if isinstance(controlnets, str | Path) else list(controlnets)
             pipe.controlnets = [load_controlnet(p, image.unet) for p in paths]
             pipe.sources["controlnets"] = [str(p) for p in paths]
+        if ip_adapter is not None:
+            encoder = image_encoder or Path(ip_adapter).parent / "image_encoder"
+            pipe.ip_adapter = load_ip_adapter(ip_adapter, encoder, image.unet)
         return pipe.to(device, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
@@ -187,6 +198,8 @@ class AnimationPipeline:
             module.to(device) if dt is None or dt == current else module.to(device, dt)
         for lora in self.motion_loras.values():
             lora.to(device=device)
+        if self.ip_adapter is not None:
+            self.ip_adapter.to(device, dtype)
         return self
 
     @property
@@ -258,7 +271,7 @@ class AnimationPipeline:
         negative = negative_prompt if negative_prompt is not None else ""
         plan = self.plan(prompt, negative, Options.build(settings, options), latents)
         plan = dataclasses.replace(plan, progress=progress, callback=callback)
-        with lora_merged(self.motion_loras.values()):
+        with lora_merged(self.motion_loras.values()), self.ip_adapter_attached(plan):
             latents = self.sample(plan)
         if output_type == "latents":
             return latents
@@ -303,6 +316,7 @@ class AnimationPipeline:
             controls=tuple(self.controls(options, generator)),
             init=None if init is None else self.init_latents(init, videos, options),
             start_step=0 if init is None else self.start_step(options),
+            image_embeds=self.image_embeds(options),
         )
 
     def info(self, prompt: Prompt, negative: Prompt, plan: Plan) -> dict:
@@ -427,6 +441,29 @@ class AnimationPipeline:
                 c.controlnet_end, s.num_frames, size, self.device,
             )  # fmt: skip
         return controls
+
+    def image_embeds(self, options: Options) -> IPAdapterEmbeds | None:
+        """The IP-Adapter's embeddings of the reference images, computed once per generation."""
+        images = options.control.ip_adapter_images
+        if images is None:
+            return None
+        if self.ip_adapter is None:
+            raise OptionError("ip_adapter_images need an IP-Adapter: load(..., ip_adapter=PATH)")
+        return self.ip_adapter.embed(reference_images(images), options.sampling.num_frames)
+
+    @contextlib.contextmanager
+    def ip_adapter_attached(self, plan: Plan) -> Iterator[None]:
+        """The IP-Adapter in the UNet, at this generation's scale, for generations that give
+        reference images; the UNet is given back exactly as it was afterwards."""
+        if plan.image_embeds is None:
+            yield
+            return
+        self.ip_adapter.scale = plan.options.control.ip_adapter_scale
+        self.ip_adapter.attach(self.unet)
+        try:
+            yield
+        finally:
+            self.ip_adapter.detach()
 
     @staticmethod
     def init_frames(options: Options, height: int, width: int) -> torch.Tensor | None:
@@ -559,6 +596,10 @@ class AnimationPipeline:
         x = x.to(self.dtype)
         res = total_residuals(plan.controls, x, t, text, frames, step, plan.steps, views)
         extra = res.unet_kwargs(self.dtype) if res else {}
+        if plan.image_embeds is not None:
+            videos = x.shape[0] // (2 if plan.guided else 1)
+            embeds = plan.image_embeds.for_frames(frames, videos, plan.guided)
+            extra["added_cond_kwargs"] = {"image_embeds": embeds}
         return self.unet(x, t, text, motion_scale=scale, windows=views, **extra).float()
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
