@@ -29,7 +29,7 @@ __all__ = ["MAX_VECTORS", "Embedding", "TextualInversions", "read_embedding"]
 MAX_VECTORS = 75
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: compared by identity, not tensor values
 class Embedding:
     """One textual inversion: `name` in a prompt stands for the rows of `vectors` (n, width)."""
 

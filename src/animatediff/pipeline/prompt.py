@@ -69,6 +69,8 @@ class _Names:
         self.by_first: dict[int, list[tuple[list[int], Embedding]]] = {}
         for embedding in embeddings or ():
             ids = tokenizer(embedding.name, add_special_tokens=False).input_ids
+            if not ids:
+                raise ValueError(f"embedding name {embedding.name!r} has no tokens to match")
             self.by_first.setdefault(ids[0], []).append((ids, embedding))
         for options in self.by_first.values():
             options.sort(key=lambda option: len(option[0]), reverse=True)
