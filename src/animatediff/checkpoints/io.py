@@ -32,6 +32,7 @@ __all__ = [
     "describe_dtypes",
     "dtype_name",
     "first_keys",
+    "load_object",
     "load_state_dict",
     "read_metadata",
     "save_state_dict",
@@ -141,6 +142,18 @@ def load_state_dict(path: StrPath, device: str | torch.device = "cpu") -> dict[s
     if target.type == "cpu":
         return sd
     return {k: v.to(target) for k, v in sd.items()}
+
+
+def load_object(path: StrPath, allowed: Iterable[type] = ()) -> object:
+    """Load a weight file's object as saved (nested dicts, tensors, numbers, strings), as safely
+    as :func:`load_state_dict` and without flattening it. ``allowed`` names extra classes the safe
+    unpickler may rebuild (data-only classes such as ``torch.nn.ParameterDict``)."""
+    file = _existing_file(path)
+    kind = _sniff(file)
+    if kind == "safetensors":
+        return _load_safetensors(file)
+    with torch.serialization.safe_globals(list(allowed)):
+        return _load_pickle(file, kind)
 
 
 def read_metadata(path: StrPath) -> dict[str, str]:
