@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,8 +44,7 @@ class FakeHub:
         self.gated: set[str] = set()  # "owner/name"
         self.requests: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), daemon=True
         )
@@ -93,6 +93,15 @@ class FakeHub:
                 self.drop_once.discard(key)
                 return True
             return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # Clients dropping idle keep-alive connections at exit are normal, not test failures.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:

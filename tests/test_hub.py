@@ -97,6 +97,11 @@ def test_a_file_kind_repo_gives_its_one_weight_file(fake):
     fake.add("someone/style", "style.ckpt", b"c" * 64)  # the same weights, pickled
     fake.add("someone/style", "style.fp16.safetensors", b"h" * 32)
     assert fake.fetch("someone/style", "lora").name == "style.safetensors"
+    fake.add("stabilityai/sd-vae-ft-mse", "config.json", b"{}")  # a VAE loads from its file
+    fake.add("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors", b"v" * 64)
+    fake.add("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.bin", b"b" * 64)
+    vae = fake.fetch("stabilityai/sd-vae-ft-mse", "vae")
+    assert vae.name == "diffusion_pytorch_model.safetensors" and vae.read_bytes() == b"v" * 64
     fake.add("someone/style", "other.safetensors", b"o" * 64)
     message = one_line_error(lambda: fake.fetch("someone/style", "lora"), "holds 2 weight files")
     assert "other.safetensors" in message and "someone/style:FILE" in message

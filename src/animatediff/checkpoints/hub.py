@@ -69,8 +69,9 @@ KINDS = {
     "image_encoder": "image encoder",
     "embedding": "embedding",
 }
-# Kinds that may be a diffusers folder (config.json + weights); the rest are single files.
-_FOLDER_KINDS = {"base", "motion_module", "vae", "controlnet", "sparsectrl", "image_encoder"}
+# Kinds whose loaders take a diffusers folder (config.json + weights); the others take one file
+# (a VAE or SparseCtrl repo in diffusers' layout gives its weights file).
+_FOLDER_KINDS = {"base", "motion_module", "controlnet", "image_encoder"}
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _VARIANT = re.compile(r"\.(fp16|fp32|bf16|non_ema|ema)$")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -521,13 +522,12 @@ def _single_weight(inside: list[str], ref: _Ref) -> str:
     best = [f for f in plain if f.endswith(".safetensors") or f.rsplit(".", 1)[0] not in safe]
     if len(best) == 1:
         return best[0]
-    where = f"{ref.repo}:{ref.path}" if ref.path else ref.repo
     if not best:
-        raise CheckpointError(ref.label, f"{where} holds no weight files")
+        raise CheckpointError(ref.label, "holds no weight files")
     folder = f"{ref.path}/" if ref.path else ""
     raise CheckpointError(
         ref.label,
-        f"{where} holds {len(best)} weight files ({first_keys(best, 4)}); name one as "
+        f"holds {len(best)} weight files ({first_keys(best, 4)}); name one as "
         f"{ref.repo}:{folder}FILE",
     )
 
