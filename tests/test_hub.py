@@ -195,6 +195,9 @@ def test_folder_inside_a_repo(fake):
     folder = fake.fetch("ip-adapter-image-encoder", "image_encoder")
     assert folder.parts[-2:] == ("models", "image_encoder")
     assert snapshot_files(folder) == {"config.json", "model.safetensors"}
+    fake.requests.clear()
+    assert fake.fetch("ip-adapter-image-encoder", "image_encoder", offline=True) == folder
+    assert fake.requests == []
 
 
 # -- aliases ---------------------------------------------------------------------------------------
