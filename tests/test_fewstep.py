@@ -64,10 +64,21 @@ TINY_ADAPTER = dict(  # diffusers MotionAdapter shaped like the tiny reference U
 )
 # LCM-LoRA's targets (the LCM distillation scripts), which AnimateLCM's LoRA covers
 LCM_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
     "time_emb_proj",
-)  # fmt: skip
+)
 
 
 def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -212,11 +223,9 @@ def kohya_lcm_lora(unet: torch.nn.Module, rank: int = 8) -> dict[str, torch.Tens
     g = torch.Generator().manual_seed(3)
     sd = {}
     for name, module in unet.named_modules():
-        if not name.endswith(LCM_LORA_TARGETS) or not isinstance(
-            module, torch.nn.Linear | torch.nn.Conv2d
-        ):
+        if not name.endswith(LCM_LORA_TARGETS):
             continue
-        out_ch, in_ch, *kernel = module.weight.shape
+        out_ch, in_ch, *kernel = module.weight.shape  # Linear, or Conv2d (kernel 1 or 3)
         key = "lora_unet_" + name.replace(".", "_")
         sd[f"{key}.lora_down.weight"] = torch.randn(rank, in_ch, *kernel, generator=g) * 0.1
         sd[f"{key}.lora_up.weight"] = torch.randn(out_ch, rank, *[1] * len(kernel), generator=g)
@@ -224,70 +233,111 @@ def kohya_lcm_lora(unet: torch.nn.Module, rank: int = 8) -> dict[str, torch.Tens
     return {k: v.half() for k, v in sd.items()}  # released in fp16
 
 
-def test_animatelcm_lora_merges_as_the_official_code_and_diffusers(ref_dir, tmp_path):
+def kohya_name(state_dict_key: str) -> str:
+    """`down_blocks.0.resnets.0.conv1.weight` -> `down_blocks_0_resnets_0_conv1`."""
+    return state_dict_key.removesuffix(".weight").replace(".", "_")
+
+
+LORA_STRENGTH = 0.8  # the AnimateLCM model card's
+LORA_INPUTS = (torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), 500)
+
+
+@pytest.fixture(scope="module")
+def animatelcm_lora(ref_dir, tmp_path_factory) -> dict:
+    """The LoRA file, and the base UNet's weights and output before and after merging it."""
     image = load_base(ref_dir / "base")
+    text = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
     before = {k: v.clone() for k, v in image.unet.state_dict().items()}
-    text_before = {k: v.clone() for k, v in image.text_encoder.state_dict().items()}
+    text_encoder_before = {k: v.clone() for k, v in image.text_encoder.state_dict().items()}
+    with torch.no_grad():
+        plain = image.unet(*LORA_INPUTS, text).sample
     lora = kohya_lcm_lora(image.unet)
-    path = tmp_path / "AnimateLCM_sd15_t2v_lora.safetensors"
+    path = tmp_path_factory.mktemp("animatelcm") / "AnimateLCM_sd15_t2v_lora.safetensors"
     safetensors.torch.save_file(lora, path)
-    info = describe(path)
+    apply_image_lora(image, path, LORA_STRENGTH, "kohya")
+    with torch.no_grad():
+        merged = image.unet(*LORA_INPUTS, text).sample
+    text_encoder_unchanged = all(
+        torch.equal(v, text_encoder_before[k]) for k, v in image.text_encoder.state_dict().items()
+    )
+    return dict(
+        path=path,
+        lora=lora,
+        before=before,
+        after=image.unet.state_dict(),
+        text=text,
+        plain=plain,
+        merged=merged,
+        text_encoder_unchanged=text_encoder_unchanged,
+    )
+
+
+def test_animatelcm_lora_is_recognised(animatelcm_lora):
+    info = describe(animatelcm_lora["path"])
     assert info["kind"] == "image LoRA (kohya)" and info["release"] == "AnimateLCM LoRA"
-    assert info["preset"] == "animatelcm" and PRESETS["animatelcm"].lora_strength == 0.8
+    assert info["preset"] == "animatelcm" and PRESETS["animatelcm"].lora_strength == LORA_STRENGTH
 
-    strength = 0.8
-    apply_image_lora(image, path, strength, "kohya")
-    after = image.unet.state_dict()
+
+def test_animatelcm_lora_merges_as_the_official_code(animatelcm_lora):
+    lora, before, after = (animatelcm_lora[k] for k in ("lora", "before", "after"))
     targets = {k[len("lora_unet_") : -len(".alpha")] for k in lora if k.endswith(".alpha")}
-    changed = {k.removesuffix(".weight").replace(".", "_") for k in after if not torch.equal(after[k], before[k])}  # fmt: skip
-    assert changed == targets and len(targets) > 40
-    for name in targets:  # the official convert_lcm_lora: W += 1/8 * strength * up @ down
-        key = next(k for k in after if k.removesuffix(".weight").replace(".", "_") == name)
-        up = lora[f"lora_unet_{name}.lora_up.weight"].float().flatten(1)
-        down = lora[f"lora_unet_{name}.lora_down.weight"].float().flatten(1)
-        want = before[key] + (strength / 8 * up @ down).reshape(before[key].shape)
-        assert torch.allclose(after[key], want, rtol=1e-5, atol=1e-6), key
-    assert all(torch.equal(v, text_before[k]) for k, v in image.text_encoder.state_dict().items())
+    changed = {kohya_name(k) for k in after if not torch.equal(after[k], before[k])}
+    assert changed == targets and len(targets) > 40  # every target, nothing else
+    for key in after:  # AnimateLCM's convert_lcm_lora: W += 1/8 * strength * up @ down
+        if kohya_name(key) in targets:
+            up = lora[f"lora_unet_{kohya_name(key)}.lora_up.weight"].float().flatten(1)
+            down = lora[f"lora_unet_{kohya_name(key)}.lora_down.weight"].float().flatten(1)
+            want = before[key] + (LORA_STRENGTH / 8 * up @ down).reshape(before[key].shape)
+            assert torch.allclose(after[key], want, rtol=1e-5, atol=1e-6), key
+    assert animatelcm_lora["text_encoder_unchanged"]  # a UNet-only LoRA
 
+
+def test_animatelcm_lora_merges_as_diffusers_loads_it(animatelcm_lora, ref_dir):
     pytest.importorskip("peft", reason="diffusers loads LoRAs through peft")
+    path = animatelcm_lora["path"]
     pipe = StableDiffusionPipeline.from_pretrained(
         ref_dir / "base", safety_checker=None, requires_safety_checker=False
     )
-    pipe.load_lora_weights(tmp_path, weight_name=path.name, adapter_name="lcm-lora")
-    pipe.set_adapters(["lcm-lora"], [strength])  # as the AnimateLCM model card does
-    g = torch.Generator().manual_seed(1)
-    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    pipe.load_lora_weights(path.parent, weight_name=path.name, adapter_name="lcm-lora")
+    pipe.set_adapters(["lcm-lora"], [LORA_STRENGTH])  # as the AnimateLCM model card does
     with torch.no_grad():
-        theirs = pipe.unet(x, 500, text).sample
-        ours = image.unet(x, 500, text).sample
-        plain = UNet2DConditionModel.from_pretrained(ref_dir / "base", subfolder="unet")(x, 500, text).sample  # fmt: skip
-    assert rel_err(ours, theirs) < 1e-5
-    assert rel_err(plain, theirs) > 1e-2  # the LoRA does change the output
+        theirs = pipe.unet(*LORA_INPUTS, animatelcm_lora["text"]).sample
+    assert rel_err(animatelcm_lora["merged"], theirs) < 1e-5
+    assert rel_err(animatelcm_lora["plain"], theirs) > 1e-2  # the LoRA does change the output
 
 
 # ----------------------------------------------------------------------------------- recognition
 
 NAMES = [
-    *[(f"animatediff_lightning_{n}step_{layout}.safetensors", f"AnimateDiff-Lightning {n}-step", "lightning", n)
-      for n in (1, 2, 4, 8) for layout in ("diffusers", "comfyui")],
+    *[
+        (
+            f"animatediff_lightning_{n}step_{layout}.safetensors",
+            f"AnimateDiff-Lightning {n}-step",
+            "lightning",
+            n,
+        )
+        for n in (1, 2, 4, 8)
+        for layout in ("diffusers", "comfyui")
+    ],
     ("AnimateLCM_sd15_t2v.ckpt", "AnimateLCM t2v", "animatelcm", None),
     ("sd15_t2v_beta.ckpt", "AnimateLCM t2v", "animatelcm", None),  # its first release name
     ("animatediffLCMMotion_v10.ckpt", "AnimateLCM t2v", "animatelcm", None),  # civitai's
-    ("models--wangfuyun--AnimateLCM/snapshots/0123abc/diffusion_pytorch_model.safetensors",
-     "AnimateLCM t2v", "animatelcm", None),
+    (
+        "models--wangfuyun--AnimateLCM/snapshots/0123abc/diffusion_pytorch_model.safetensors",
+        "AnimateLCM t2v",
+        "animatelcm",
+        None,
+    ),
     ("mm_sd_v15_v2.ckpt", None, None, None),
     ("v3_sd15_mm.ckpt", None, None, None),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name, release, preset, steps", NAMES)
 def test_motion_module_names(name, release, preset, steps):
     found = motion_release(name, {})
-    assert (found and found.name, found and found.preset, found and found.steps) == (
-        release,
-        preset,
-        steps,
-    )
+    got = (found.name, found.preset, found.steps) if found else (None, None, None)
+    assert got == (release, preset, steps)
     assert detect_preset(name) == preset
     if preset == "lightning":
         assert preset_settings("auto", name)["num_inference_steps"] == steps
@@ -324,7 +374,8 @@ def test_inspect_names_release_and_sampler(lightning_files, v2_raw, tmp_path, ca
     assert f"{lcm.num_inference_steps} steps" in info["sampler"]
     assert f"guidance {lcm.guidance_scale:g}" in info["sampler"]
     assert f"{lcm.lora_strength:g}" in info["sampler"]
-    assert f"guidance {PRESETS['lightning'].guidance_scale:g}" in describe(lightning_files["diffusers"])["sampler"]  # fmt: skip
+    lightning = describe(lightning_files["diffusers"])
+    assert f"guidance {PRESETS['lightning'].guidance_scale:g}" in lightning["sampler"]
 
 
 # -------------------------------------------------------------------------------------- presets
