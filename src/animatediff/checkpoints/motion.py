@@ -7,6 +7,9 @@ Layouts:
 - diffusers (`MotionAdapter` folders or files):
   `down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.weight`, `norm1/2/3`,
   `transformer_blocks.N.pos_embed.pe`.
+
+Few-step releases in these layouts (AnimateDiff-Lightning, AnimateLCM) are recognised too
+(`MotionCheckpoint.release`, see `checkpoints.fewstep`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,21 @@ import torch
 
 from ..motion.config import VERSIONS, MotionModuleConfig
 from ..motion.module import MotionModules, sinusoidal_encoding
-from .io import CheckpointError, check_keys, load_state_dict, read_metadata, save_state_dict
+from .fewstep import (
+    ANIMATELCM_PE_LENGTH,
+    I2V_UNSUPPORTED,
+    Release,
+    motion_release,
+    release_metadata,
+)
+from .io import (
+    CheckpointError,
+    _sniff,
+    check_keys,
+    load_state_dict,
+    read_metadata,
+    save_state_dict,
+)
 from .lora import motion_path_from_diffusers
 
 CONFIG_METADATA_KEY = "animatediff.motion_config"
@@ -42,6 +59,7 @@ class MotionCheckpoint:
     layout: str  # "original" | "diffusers"
     version_source: str  # how the version was decided, for `inspect` and warnings
     stored_pe_length: int | None
+    release: Release | None = None  # AnimateDiff-Lightning, AnimateLCM, ... (fewstep.py)
 
 
 def is_motion_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -58,11 +76,29 @@ def read_motion_checkpoint(path: str | Path, version: str | None = None) -> Moti
     metadata = read_metadata(file)
     if not is_motion_state_dict(sd):
         raise CheckpointError(file, "not a motion module (no `motion_modules` keys)")
+    if any(k.startswith("img_encoder.") for k in sd):
+        raise CheckpointError(file, I2V_UNSUPPORTED)
     layout = "diffusers" if any(".attn1." in k for k in sd) else "original"
     pe_length = _pe_length(sd)
     sd = {motion_path_from_diffusers(k): v for k, v in sd.items() if not _PE.search(k)}
+    release = _release(path, file, sd, metadata, layout, pe_length)
     config, source = _config(file, sd, metadata, diffusers_config, pe_length, version)
-    return MotionCheckpoint(str(file), sd, config, layout, source, pe_length)
+    if release is not None and release.preset == "animatelcm" and pe_length is None:
+        config = config.replace(max_frames=max(config.max_frames, ANIMATELCM_PE_LENGTH))
+    return MotionCheckpoint(str(file), sd, config, layout, source, pe_length, release)
+
+
+def _release(path, file, sd, metadata, layout, pe_length) -> Release | None:
+    # AnimateLCM t2v was released as a pickle without `pos_encoder` buffers; safetensors repacks
+    # of any version often drop them, so there the missing buffers say nothing.
+    pe_less_pickle_v2 = (
+        layout == "original"
+        and pe_length is None
+        and CONFIG_METADATA_KEY not in metadata
+        and any(k.startswith("mid_block.") for k in sd)
+        and _sniff(file) != "safetensors"
+    )
+    return motion_release(path, metadata, pe_less_pickle_v2=pe_less_pickle_v2)
 
 
 def load_motion_module(
@@ -246,13 +282,17 @@ def save_motion_module(
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a motion module: `original` -> one file (.safetensors or .ckpt); `diffusers` ->
-    a folder with config.json and diffusion_pytorch_model.safetensors. The configuration is
-    stored in the safetensors metadata so the file reloads without guessing."""
+    a folder with config.json and diffusion_pytorch_model.safetensors. The configuration (and
+    a recognised release) is stored in the safetensors metadata so the file reloads without
+    guessing."""
+    release = None
     if isinstance(module, MotionCheckpoint):
-        sd, config = module.state_dict, module.config
+        sd, config, release = module.state_dict, module.config, module.release
     else:
         sd, config = module.state_dict(), module.config
     metadata = {CONFIG_METADATA_KEY: config.to_json(), **(extra_metadata or {})}
+    if release is not None:
+        metadata.update(release_metadata(release))
     path = Path(path)
     if layout == "original":
         if path.suffix.lower() == ".safetensors":
