@@ -7,6 +7,9 @@ short report pointing at `--debug`. Torch-free, at the bottom, so every layer ca
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
 
 class UserError(ValueError):
     """A mistake in what the user asked for or gave; the message says what and where."""
@@ -18,3 +21,26 @@ class ConfigError(UserError):
 
 class UsageError(UserError):
     """A mistake in how a command was called."""
+
+
+class CheckpointError(UserError):
+    """A weight file is missing, unreadable, corrupt, unsafe, or not what it claims to be."""
+
+    def __init__(self, path: str | os.PathLike, message: str) -> None:
+        self.path = os.fspath(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}")
+
+    def __reduce__(self) -> tuple[type[CheckpointError], tuple[str, str]]:
+        # Keep the two-argument constructor working across pickling (e.g. multiprocessing).
+        return (type(self), (self.path, self.message))
+
+
+def first_keys(keys: Iterable[str], n: int = 5) -> str:
+    """The first `n` keys (sorted) for an error message, noting how many were left out."""
+    items = sorted(str(k) for k in keys)
+    if not items:
+        return "(none)"
+    shown = ", ".join(items[:n])
+    extra = len(items) - n
+    return f"{shown}, ... and {extra} more" if extra > 0 else shown

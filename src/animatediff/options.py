@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ CONTEXT_SCHEDULES = ("static", "uniform", "looped", "batched")
 FUSE_KINDS = ("flat", "pyramid", "overlap-linear")
 FREEINIT_FILTERS = ("butterworth", "gaussian", "ideal", "box")
 INTERPOLATIONS = ("linear", "slerp")
+PRESET_NAMES = ("lightning", "animatelcm", "auto")  # pipeline/presets.py defines them
 OUTPUT_SUFFIXES = (".gif", ".mp4", ".webp")  # and a folder name (no suffix) for PNG frames
 # Stated limits: beyond them a run cannot fit any machine this project targets.
 MAX_SIZE = 4096  # pixels per side
@@ -110,10 +112,15 @@ def _check_scalar(f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf)", re.IGNORECASE)
+
+
 def path_strength(text: str, name: str = "value") -> tuple[str, float]:
-    """`PATH[:STRENGTH]`; a colon followed by a path (e.g. `C:\\x`) belongs to the path."""
+    """`PATH[:STRENGTH]`. A colon followed by a name (`C:\\x`, `repo:file.ckpt`) belongs to
+    the path; followed by something that is neither a number nor a name, it is a mistake."""
     path, sep, tail = text.rpartition(":")
-    if not sep or "/" in tail or "\\" in tail or not path:
+    number = _NUMBER.fullmatch(tail.strip())
+    if not sep or not path or (not number and any(c in tail for c in "./\\_")):
         return text, 1.0
     try:
         strength = float(tail)
@@ -207,6 +214,10 @@ class ModelOptions(_Checked):
         "controlnet_scale", flag="--controlnet", kind=str, action="append", sequence=True,
         metavar="PATH[:SCALE]",
     )  # fmt: skip
+    embeddings: tuple[str, ...] = opt(
+        (), "textual-inversion embedding (A1111 .pt/.safetensors), used by its file name in "
+        "prompts; repeatable", flag="--embedding", kind=str, action="append", sequence=True,
+    )  # fmt: skip
     ip_adapter: str | None = opt(
         None, "IP-Adapter (ip-adapter_sd15, -plus, -plus-face); PATH:SCALE sets its scale",
         kind=str, metavar="PATH[:SCALE]",
@@ -238,12 +249,13 @@ class SamplingOptions(_Checked):
         None, "width in pixels (default: the model's native size)", kind=int, minimum=8,
         maximum=MAX_SIZE, multiple=8,
     )  # fmt: skip
-    num_inference_steps: int = opt(
-        25, "denoising steps", flag="--steps", kind=int, minimum=1, maximum=MAX_STEPS
-    )
-    guidance_scale: float = opt(
-        7.5, "classifier-free guidance (<= 1: no unconditional pass)", kind=float, minimum=0,
-        maximum=100,
+    num_inference_steps: int | None = opt(
+        None, "denoising steps (default: 25, or the preset's)", flag="--steps", kind=int,
+        minimum=1, maximum=MAX_STEPS,
+    )  # fmt: skip
+    guidance_scale: float | None = opt(
+        None, "classifier-free guidance, <= 1: no unconditional pass (default: 7.5, or the "
+        "preset's)", kind=float, minimum=0, maximum=100,
     )  # fmt: skip
     seed: int | None = opt(
         None, "seed (default: random, printed and saved); video i of a batch uses seed + i",
@@ -253,8 +265,15 @@ class SamplingOptions(_Checked):
         1, "videos per prompt", flag="--num-videos", kind=int, minimum=1, maximum=MAX_VIDEOS
     )
     scheduler: str | None = opt(
-        None, "sampler (default: ddim, as the official inference)", kind=str,
+        None, "sampler (default: ddim, as the official inference, or the preset's)", kind=str,
         choices=SCHEDULER_NAMES,
+    )  # fmt: skip
+    scheduler_config: dict | None = opt(
+        None, "overrides of the sampler's configuration (e.g. timestep_spacing)", cli=False
+    )
+    preset: str | None = opt(
+        None, "sample as a few-step module's authors do (auto: from the motion module loaded)",
+        kind=str, choices=PRESET_NAMES,
     )  # fmt: skip
     motion_scale: float | tuple[float, ...] = opt(
         1.0, "scale of the motion modules' effect (0: frame by frame); one value or one per "
@@ -324,13 +343,17 @@ class NoiseOptions(_Checked):
 
 @dataclass(frozen=True)
 class PromptOptions(_Checked):
-    """Prompt travel and text encoding."""
+    """Prompt travel and text encoding (prompts take A1111's (word:1.2) syntax, any length)."""
 
     prompt_head: str = opt("", "text before every prompt-map prompt", kind=str)
     prompt_tail: str = opt("", "text after every prompt-map prompt", kind=str)
     prompt_interpolation: str = opt(
         "linear", "how prompt-map embeddings blend between keyframes", kind=str,
         choices=INTERPOLATIONS,
+    )  # fmt: skip
+    clip_skip: int = opt(
+        1, "text-encoder layer counted from the last, as A1111 (1: the last, 2: penultimate)",
+        kind=int, minimum=1, maximum=12,
     )  # fmt: skip
 
 

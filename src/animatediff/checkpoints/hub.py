@@ -39,7 +39,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from .io import CheckpointError, first_keys
+from ..errors import CheckpointError, first_keys
 
 __all__ = [
     "ALIASES",
@@ -128,6 +128,9 @@ OFFICIAL_BACKUP_FILES = (
 )
 
 _IP = "h94/IP-Adapter"
+# Every file name the official script fetches by itself.
+OFFICIAL_NAMES = frozenset((*OFFICIAL_FILES, *OFFICIAL_BACKUP_FILES))
+
 ALIASES: dict[str, Alias] = {
     "v1": Alias("motion_module", OFFICIAL_REPO, "mm_sd_v15.ckpt"),
     "v1-4": Alias("motion_module", OFFICIAL_REPO, "mm_sd_v14.ckpt"),

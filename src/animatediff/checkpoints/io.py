@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from ..errors import UserError
+from ..errors import CheckpointError, first_keys
 
 __all__ = [
     "CheckpointError",
@@ -69,19 +69,6 @@ _DTYPE_NAMES = {
 }
 
 
-class CheckpointError(UserError):
-    """A weight file is missing, unreadable, corrupt, unsafe, or not what it claims to be."""
-
-    def __init__(self, path: StrPath, message: str) -> None:
-        self.path = os.fspath(path)
-        self.message = message
-        super().__init__(f"{self.path}: {message}")
-
-    def __reduce__(self) -> tuple[type[CheckpointError], tuple[str, str]]:
-        # Keep the two-argument constructor working across pickling (e.g. multiprocessing).
-        return (type(self), (self.path, self.message))
-
-
 def _invalid(path: StrPath, reason: str) -> CheckpointError:
     return CheckpointError(path, f"not a valid checkpoint ({reason})")
 
@@ -104,16 +91,6 @@ def describe_dtypes(sd: Mapping[str, torch.Tensor]) -> str:
     if len(names) == 1:
         return names[0]
     return f"mixed ({', '.join(names)})"
-
-
-def first_keys(keys: Iterable[str], n: int = 5) -> str:
-    """Format the first ``n`` keys (sorted) for an error message, noting how many were left out."""
-    items = sorted(str(k) for k in keys)
-    if not items:
-        return "(none)"
-    shown = ", ".join(items[:n])
-    extra = len(items) - n
-    return f"{shown}, ... and {extra} more" if extra > 0 else shown
 
 
 def _count(n: int, noun: str, plural: str | None = None) -> str:

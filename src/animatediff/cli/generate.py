@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import re
+import secrets
 import time
 from pathlib import Path
 
 from .. import builtin
+from ..checkpoints import hub
+from ..errors import UserError
 from ..options import GROUPS, ModelOptions, OptionError, path_strength
 from ..options import OUTPUT_SUFFIXES as SUPPORTED_SUFFIXES
 from .config import ConfigError, Run, load_runs, read_yaml, run_from_settings
@@ -34,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--config, a folder (default: outputs/)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument(
+        "--offline", action="store_true",
+        help="models named by Hub id or alias come from the local cache only (also HF_HUB_OFFLINE=1)",
+    )  # fmt: skip
     add_flags(p, ModelOptions)
     for cls in GROUPS.values():
         add_flags(p, cls)
@@ -54,7 +62,7 @@ def runs_from_args(args: argparse.Namespace) -> list[Run]:
             _say_overrides(args, {**settings, **models})
         else:
             runs = [Run("cli", ModelOptions(), _prompt(args), args.negative_prompt)]
-        runs = [_override(run, models, settings) for run in runs]
+        runs = [_seeded(_override(run, models, settings)) for run in runs]
     except OptionError as e:
         raise as_usage_error(e, OPTION_CLASSES) from None
     except ConfigError as e:
@@ -78,6 +86,13 @@ def _override(run: Run, models: dict, settings: dict) -> Run:
     )
     run.options()  # every value checked now
     return run
+
+
+def _seeded(run: Run) -> Run:
+    """A run without a seed gets a random one now, so its file name and settings carry it."""
+    if run.settings.get("seed") is not None:
+        return run
+    return dataclasses.replace(run, settings={**run.settings, "seed": secrets.randbelow(2**31)})
 
 
 def _say_overrides(args, given_values: dict) -> None:
@@ -118,30 +133,53 @@ def _builtin_names(run: Run) -> Run:
     return dataclasses.replace(run, models=models)
 
 
-# -- checks before loading -----------------------------------------------------------------------
-def check_files(models: ModelOptions) -> None:
-    """Every model file named must exist (hub ids: a diffusers base or ControlNet)."""
-    for flag, paths in (
-        ("--base", [models.base]),
-        ("--motion-module", [models.motion_module]),
-        ("--personal", [models.personal]),
-        ("--vae", [models.vae]),
-        ("--lora", [p for p, _ in models.loras]),
-        ("--motion-lora", [p for p, _ in models.motion_loras]),
-        ("--adapter", [models.adapter[0]] if models.adapter else []),
-        ("--sparsectrl", [models.sparsectrl]),
-        ("--controlnet", list(models.controlnets)),
-        ("--ip-adapter", [models.ip_adapter]),
-        ("--image-encoder", [models.image_encoder]),
-    ):
-        for path in paths:
-            hub_ok = flag in ("--base", "--controlnet") and _looks_like_hub_id(path)
-            if path is not None and not Path(path).exists() and not hub_ok:
-                raise UsageError(f"{flag}: file not found: {path}")
+# -- models by name -----------------------------------------------------------------------------
+# ModelOptions field -> the hub module's kind of model
+KINDS = {
+    "base": "base",
+    "motion_module": "motion_module",
+    "personal": "personal",
+    "vae": "vae",
+    "loras": "lora",
+    "motion_loras": "motion_lora",
+    "adapter": "adapter",
+    "sparsectrl": "sparsectrl",
+    "controlnets": "controlnet",
+    "embeddings": "embedding",
+    "ip_adapter": "ip_adapter",
+    "image_encoder": "image_encoder",
+}
 
 
-def _looks_like_hub_id(path: str | None) -> bool:
-    return path is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+def resolve_models(models: ModelOptions, offline: bool | None, official: bool) -> ModelOptions:
+    """Every model named, as a local path: files and folders as they are; aliases, Hub ids and
+    `repo:file` downloaded once into huggingface_hub's cache (offline: taken from it). Files an
+    official prompt config names are fetched from where the official script fetches them."""
+    values = {}
+    for name, kind in KINDS.items():
+        flag = flag_of(name, (ModelOptions,))
+        fetch = functools.partial(_resolve, flag=flag, offline=offline, official=official)
+        value = getattr(models, name)
+        if value is None or value == ():
+            continue
+        if name in ("loras", "motion_loras"):
+            values[name] = tuple((fetch(p, kind), s) for p, s in value)
+        elif name == "adapter":
+            values[name] = (fetch(value[0], kind), value[1])
+        elif name in ("controlnets", "embeddings"):
+            values[name] = tuple(fetch(p, kind) for p in value)
+        else:
+            values[name] = fetch(value, kind)
+    return dataclasses.replace(models, **values)
+
+
+def _resolve(spec: str, kind: str, flag: str, offline: bool | None, official: bool) -> str:
+    try:
+        if official and not Path(spec).exists() and Path(spec).name in hub.OFFICIAL_NAMES:
+            return str(hub.resolve_official(spec, offline=offline))
+        return str(hub.resolve(spec, kind, offline=offline))
+    except UserError as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def outputs_for(args, runs: list[Run]) -> list[Path]:
@@ -183,9 +221,13 @@ class Job:
 
 
 def prepare(args: argparse.Namespace) -> Job:
-    """Every check that needs no model (and no torch)."""
+    """Every check that needs no model (and no torch); models named by id are fetched."""
     runs = runs_from_args(args)
     outputs = outputs_for(args, runs)
-    for r in runs:
-        check_files(r.models)
+    offline = True if args.offline else None  # None: HF_HUB_OFFLINE decides
+    resolved: dict[ModelOptions, ModelOptions] = {}
+    for i, r in enumerate(runs):
+        if r.models not in resolved:
+            resolved[r.models] = resolve_models(r.models, offline, official=bool(args.config))
+        runs[i] = dataclasses.replace(r, models=resolved[r.models])
     return Job(runs, outputs, args.overwrite)

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from ..builtin.model import resolve as resolve_builtin
 from ..checkpoints.adapters import apply_image_lora, attention_lora_pairs
 from ..checkpoints.base import ImageModel, load_base, load_single_file, load_vae_file
-from ..checkpoints.motion import load_motion_module
+from ..checkpoints.embeddings import TextualInversions
+from ..checkpoints.hub import resolve
+from ..checkpoints.motion import build_motion_module, read_motion_checkpoint
 from ..control import (
     controlnet_inputs,
     load_controlnet,
@@ -35,7 +37,7 @@ from ..lora import merged as lora_merged
 from ..motion.frames import WindowAccumulator, window_text
 from ..motion.module import MotionModules
 from ..motion.unet import MotionUNet
-from ..options import ContextOptions, OptionError, Options
+from ..options import ContextOptions, OptionError, Options, SamplingOptions
 from ..vae import decode_latents, encode_frames
 from ..video import Video
 from ..video.inputs import as_frames, as_image, reference_images
@@ -47,6 +49,7 @@ from .noise import (
     freq_filter,
     mix_shared_noise,
 )
+from .presets import preset_settings
 from .prompt import encode_prompts
 from .schedulers import make_scheduler
 from .travel import compose_prompt, frame_embeddings, travel_prompts
@@ -111,6 +114,8 @@ class AnimationPipeline:
         self.sparsectrl = None
         self.controlnets: list = []
         self.ip_adapter: IPAdapter | None = None
+        self.embeddings = TextualInversions(self.text_encoder.config.hidden_size)
+        self.motion_release = None  # a recognised few-step release (Lightning, AnimateLCM)
         self.sources: dict[str, object] = {}
 
     # -- loading -----------------------------------------------------------------------------
@@ -130,6 +135,7 @@ class AnimationPipeline:
         controlnets: Sequence[str | Path] | str | Path | None = None,
         ip_adapter: str | Path | None = None,
         image_encoder: str | Path | None = None,
+        embeddings: Sequence[str | Path] = (),
         scheduler: str = "ddim",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
@@ -145,27 +151,34 @@ class AnimationPipeline:
         the v3 domain adapter, merged. sparsectrl: a SparseCtrl encoder file (RGB or scribble).
         controlnets: SD1.5 ControlNets (diffusers folders, hub ids or single files).
         ip_adapter: an SD1.5 IP-Adapter file, with its CLIP `image_encoder` folder (default:
-        `image_encoder/` beside the file, where the released ones sit).
+        `image_encoder/` beside the file, where the released ones sit). embeddings:
+        textual-inversion files, each used in prompts by its file name. Every file argument may
+        also be a Hub id, `repo:file` or an alias (`checkpoints.hub`), downloaded once.
         """
         base, motion_module = resolve_builtin(base, motion_module)
         if motion_module is None:
             raise ValueError("a motion module is needed with a custom base (motion_module=...)")
-        image = load_base(base, dtype=torch.float32)
+        image = load_base(resolve(base, "base"), dtype=torch.float32)
         if personal is not None:
-            load_single_file(image, personal)
+            load_single_file(image, resolve(personal, "personal"))
         if vae is not None:
-            load_vae_file(image, vae)
+            load_vae_file(image, resolve(vae, "vae"))
         for path, strength in _strength_pairs(loras):
-            apply_image_lora(image, path, strength, lora_scaling)
+            apply_image_lora(image, resolve(path, "lora"), strength, lora_scaling)
         if adapter is not None:
             ((path, scale),) = _strength_pairs(adapter)
-            merge_lora(image.unet, attention_lora_pairs(image.unet, path, "domain adapter"), scale)
-        motion = (
-            motion_module
-            if isinstance(motion_module, MotionModules)
-            else load_motion_module(motion_module, version=motion_version)
-        )
+            pairs = attention_lora_pairs(image.unet, resolve(path, "adapter"), "domain adapter")
+            merge_lora(image.unet, pairs, scale)
+        release = None
+        if isinstance(motion_module, MotionModules):
+            motion = motion_module
+        else:
+            ckpt = read_motion_checkpoint(resolve(motion_module, "motion_module"), motion_version)
+            motion, release = build_motion_module(ckpt), ckpt.release
         pipe = cls(image, MotionUNet(image.unet, motion), scheduler=scheduler)
+        pipe.motion_release = release
+        for path in embeddings:
+            pipe.embeddings.load(resolve(path, "embedding"))
         pipe.sources = dict(
             base=str(base),
             motion_module=str(motion_module),
@@ -174,17 +187,20 @@ class AnimationPipeline:
             adapter=adapter,
         )
         for path, strength in _strength_pairs(motion_loras):
-            pipe.add_motion_lora(path, strength)
+            pipe.add_motion_lora(resolve(path, "motion_lora"), strength)
         if sparsectrl is not None:
-            pipe.sparsectrl = load_sparsectrl(sparsectrl, image.unet)
+            pipe.sparsectrl = load_sparsectrl(resolve(sparsectrl, "sparsectrl"), image.unet)
             pipe.sources["sparsectrl"] = str(sparsectrl)
         if controlnets is not None:
             paths = [controlnets] if isinstance(controlnets, str | Path) else list(controlnets)
-            pipe.controlnets = [load_controlnet(p, image.unet) for p in paths]
+            pipe.controlnets = [
+                load_controlnet(resolve(p, "controlnet"), image.unet) for p in paths
+            ]
             pipe.sources["controlnets"] = [str(p) for p in paths]
         if ip_adapter is not None:
-            encoder = image_encoder or Path(ip_adapter).parent / "image_encoder"
-            pipe.ip_adapter = load_ip_adapter(ip_adapter, encoder, image.unet)
+            ip_file = resolve(ip_adapter, "ip_adapter")
+            encoder = resolve(image_encoder or ip_file.parent / "image_encoder", "image_encoder")
+            pipe.ip_adapter = load_ip_adapter(ip_file, encoder, image.unet)
         return pipe.to(device, dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
@@ -281,35 +297,30 @@ class AnimationPipeline:
     def plan(
         self, prompt: Prompt, negative: Prompt, options: Options, latents: torch.Tensor | None
     ) -> Plan:
-        """Resolve sizes, seed, scheduler, text, noise, controls and init for one generation."""
+        """Resolve sizes, seed, sampler, text, noise, controls and init for one generation."""
+        options = self.with_preset(options)
         s = options.sampling
         height, width = s.height or self.default_size, s.width or self.default_size
         init = self.init_frames(options, height, width)
         num_frames = s.num_frames or (init.shape[2] if options.init.init_video is not None else 16)
-        videos = s.num_videos_per_prompt * (
-            1 if isinstance(prompt, Mapping) else len(_as_list(prompt))
-        )
+        prompts = 1 if isinstance(prompt, Mapping) else len(_as_list(prompt))
         seed = secrets.randbelow(2**31) if s.seed is None and latents is None else s.seed
         shared = options.noise.shared_noise
         shared = self.unet.config.shared_noise if shared is None else shared
         options = dataclasses.replace(
             options,
             sampling=dataclasses.replace(
-                s,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                seed=seed,
-                scheduler=s.scheduler or self.scheduler_name,
-            ),  # fmt: skip
+                s, num_frames=num_frames, height=height, width=width, seed=seed
+            ),
             noise=dataclasses.replace(options.noise, shared_noise=shared),
         )
+        videos = s.num_videos_per_prompt * prompts
         generator = self.generator(seed)
         noise = self.initial_noise(videos, options, generator, latents)
         text = self.text(prompt, negative, options, s.guidance_scale > 1.0).to(self.dtype)
         return Plan(
             options=options,
-            scheduler=make_scheduler(s.scheduler) if s.scheduler else self.scheduler,
+            scheduler=self.make_scheduler(s),
             text=text,
             noise=noise,
             generator=generator,
@@ -318,6 +329,35 @@ class AnimationPipeline:
             start_step=0 if init is None else self.start_step(options),
             image_embeds=self.image_embeds(options),
         )
+
+    def with_preset(self, options: Options) -> Options:
+        """Steps, guidance and sampler: as given, else the preset's (for what was loaded), else
+        the defaults (25 steps, guidance 7.5, the scheduler `load` was given: DDIM)."""
+        s = options.sampling
+        given = dict(
+            scheduler=s.scheduler,
+            scheduler_config=s.scheduler_config,
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+        )
+        chosen = preset_settings(s.preset, self.motion_release, **given) if s.preset else given
+        guidance = chosen.get("guidance_scale")
+        resolved = dict(
+            scheduler=chosen.get("scheduler") or self.scheduler_name,
+            scheduler_config=chosen.get("scheduler_config") or None,
+            num_inference_steps=chosen.get("num_inference_steps") or 25,
+            guidance_scale=7.5 if guidance is None else guidance,
+        )
+        return dataclasses.replace(options, sampling=dataclasses.replace(s, **resolved))
+
+    def make_scheduler(self, s: SamplingOptions):
+        """The sampler for these sampling options (the loaded one, unless they differ)."""
+        if s.scheduler == self.scheduler_name and not s.scheduler_config:
+            return self.scheduler
+        try:
+            return make_scheduler(s.scheduler, **(s.scheduler_config or {}))
+        except ValueError as e:
+            raise OptionError(f"scheduler_config: {e}") from None
 
     def info(self, prompt: Prompt, negative: Prompt, plan: Plan) -> dict:
         """How the video was made, for reproducing it (the settings JSON's core)."""
@@ -340,7 +380,7 @@ class AnimationPipeline:
         cond_keys = _prompt_keys(prompt, num_frames, p.prompt_head, p.prompt_tail)
         neg_keys = _prompt_keys(negative, num_frames, "", "") if guided else []
         # one encoding call, so that every text has the same token length
-        encoded = self.encode([t for _, t in cond_keys + neg_keys])
+        encoded = self.encode([t for _, t in cond_keys + neg_keys], p.clip_skip)
         cond = _embeddings(cond_keys, encoded[: len(cond_keys)], num_frames, p.prompt_interpolation)
         if not guided:
             return _rows(cond, num_frames, videos, isinstance(prompt, Mapping))
@@ -360,9 +400,16 @@ class AnimationPipeline:
             [_rows(uncond, num_frames, videos, travel), _rows(cond, num_frames, videos, travel)]
         )
 
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """(len(texts), n, d) text-encoder states, all texts padded to one length."""
-        return encode_prompts(self.tokenizer, self.text_encoder, texts)
+    def encode(self, texts: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """(len(texts), 77 k, d) text-encoder states, all texts padded to the same k chunks of
+        75 tokens (A1111's `(word:1.2)` weights, BREAK, textual inversions by name)."""
+        return encode_prompts(
+            self.tokenizer,
+            self.text_encoder,
+            texts,
+            clip_skip=clip_skip,
+            embeddings=self.embeddings,
+        )
 
     # -- noise -----------------------------------------------------------------------------------
     def generator(self, seed: int | None) -> torch.Generator | None:
