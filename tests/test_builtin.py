@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from animatediff import AnimationPipeline, builtin
+from animatediff.builtin.model import builtin_model
 from animatediff.world import evaluate as ev
 
 EVALUATION = builtin.PACKAGE_DATA / "evaluation.json"
@@ -47,7 +48,7 @@ def settings(results) -> dict:
 
 
 def test_builtin_models_are_trained_small_and_named():
-    model = builtin.builtin_model()
+    model = builtin_model()
     assert model.trained
     files = [f for f in builtin.PACKAGE_DATA.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 25 * 2**20

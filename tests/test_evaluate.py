@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from animatediff import builtin
+from animatediff.builtin.model import builtin_model
 from animatediff.world import (
     PAN_LEFT_DX,
     STYLES,
@@ -323,7 +324,7 @@ def fake_extras(tmp_path, monkeypatch):
     from animatediff.checkpoints.motion import load_motion_module
     from animatediff.training.stages import motion_attention_targets, spatial_attention_targets
 
-    model = builtin.builtin_model()
+    model = builtin_model()
     data = tmp_path / "data"
     (data / "personal").mkdir(parents=True)
     g = torch.Generator().manual_seed(0)

@@ -465,7 +465,8 @@ def pipe(ref_dir) -> AnimationPipeline:
 def test_guidance_one_runs_one_unet_batch(pipe, guidance, passes):
     settings = preset_settings("lightning", {"preset": "lightning", "steps": 2})
     batches: list[int] = []
-    handle = pipe.unet.unet.register_forward_pre_hook(
+    # the 2D UNet's first layer sees frames folded into the batch
+    handle = pipe.unet.unet.conv_in.register_forward_pre_hook(
         lambda module, args: batches.append(args[0].shape[0])
     )
     scheduler = pipe.scheduler
@@ -485,5 +486,5 @@ def test_guidance_one_runs_one_unet_batch(pipe, guidance, passes):
     finally:
         handle.remove()
         pipe.scheduler = scheduler
-    # the 2D UNet sees frames folded into the batch: 1 video x 3 frames, once per pass
+    # 1 video x 3 frames, twice that with the unconditional pass
     assert batches == [3 * passes] * 2

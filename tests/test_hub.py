@@ -128,7 +128,7 @@ DECOYS = {  # files a diffusers SD1.5 repo has that this project never loads
 def add_tiny_sd15(fake, repo: str = SD15) -> set[str]:
     """The built-in random SD1.5 model as a Hub repo with the usual extra files; returns the
     files that should be downloaded."""
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
 
     base = random_model().base
     wanted = set()
@@ -157,7 +157,7 @@ def test_base_repo_downloads_only_what_the_project_loads(fake):
 
 @pytest.mark.slow  # importing diffusers and transformers is most of it
 def test_downloaded_base_loads(fake):
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
     from animatediff.checkpoints.base import load_base
 
     add_tiny_sd15(fake)

@@ -312,13 +312,13 @@ def test_per_frame_image_reaches_only_its_frame(attached):
     """At motion scale 0 frames do not mix: a new image for frame 3 changes frame 3 of the
     conditional video only (the unconditional half has no image)."""
     model, ip = attached
-    model.motion_scale = 0.0
     x, t, text = unet_inputs(2, FRAMES + 1)
     images = [image(20 + i) for i in range(FRAMES + 1)]
     outs = []
     for imgs in (images, images[:3] + [image(99)] + images[4:]):
         embeds = ip.embed(imgs, FRAMES + 1).for_frames(range(FRAMES + 1), 1, True)
-        outs.append(model(x, t, text, added_cond_kwargs={"image_embeds": embeds}))
+        kwargs = dict(added_cond_kwargs={"image_embeds": embeds}, motion_scale=0.0)
+        outs.append(model(x, t, text, **kwargs))
     diff = (outs[0] - outs[1]).abs().amax(dim=(1, 3, 4))  # (b, f)
     assert diff[1, 3] > 1e-4
     diff[1, 3] = 0

@@ -56,16 +56,20 @@ def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> list[str]:
 
 
 def imports(path: Path) -> list[tuple[str, bool]]:
-    """(imported module, at module level?) for every import in a file."""
+    """(imported module, at module level, i.e. not inside a function?) for every import."""
     module, tree = _module_name(path), ast.parse(path.read_text())
-    top = {id(n) for n in tree.body}
+    in_function = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            in_function.update(id(n) for n in ast.walk(node) if n is not node)
     found = []
     for node in ast.walk(tree):
+        top = id(node) not in in_function
         if isinstance(node, ast.Import):
-            found += [(a.name, id(node) in top) for a in node.names]
+            found += [(a.name, top) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             names = _resolve(node, module, path.name == "__init__.py")
-            found += [(n, id(node) in top) for n in names]
+            found += [(n, top) for n in names]
     return found
 
 

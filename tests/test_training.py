@@ -52,7 +52,7 @@ BACKGROUND = (0.15, 0.15, 0.25)
 
 def random_base() -> str:
     """The trainer is tested on the tiny random model (built in code), not on shipped weights."""
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
 
     return str(random_model().base)
 
@@ -245,7 +245,7 @@ def data(tmp_path_factory) -> Data:
 
     import animatediff.training.encode  # noqa: F401
     import animatediff.training.trainer  # noqa: F401
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
     from animatediff.checkpoints.motion import save_motion_module
     from animatediff.motion import MotionModuleConfig, MotionModules
 
@@ -611,7 +611,7 @@ def test_adapter_output_loads(stage_run):
     keys = list(load_tensors(adapter))
     assert keys and all(".processor.to_" in k for k in keys)
     assert all((".attn1.processor." in k or ".attn2.processor." in k) for k in keys)
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
 
     model = random_model()
     plain = _generate(AnimationPipeline.load(model.base, model.motion_module))

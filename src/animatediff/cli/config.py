@@ -29,6 +29,11 @@ OFFICIAL_OPTIONS = {
     "W": "width",
     "H": "height",
     "L": "num_frames",
+}
+# The official SparseCtrl keys (with controlnet_path); `controlnet_images` is also this
+# project's name for standard ControlNets' frames, so it is read as SparseCtrl's only beside
+# controlnet_path. Standard ControlNets go in `controlnets: [{path, images, ...}]`.
+OFFICIAL_SPARSECTRL = {
     "controlnet_images": "control_images",
     "controlnet_image_indexs": "control_frames",
 }
@@ -108,7 +113,13 @@ def load_runs(path: str | Path) -> list[Run]:
 
 
 def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
-    known = set(OFFICIAL_OPTIONS) | OFFICIAL_OTHER | set(OWNER) | MODEL_FIELDS
+    known = (
+        set(OFFICIAL_OPTIONS)
+        | set(OFFICIAL_SPARSECTRL)
+        | OFFICIAL_OTHER
+        | set(OWNER)
+        | MODEL_FIELDS
+    )
     for key in sorted(set(e) - known, key=str):
         # forks of the official script add keys of their own: ignore them, but say so
         close = difflib.get_close_matches(str(key), sorted(known), n=1)
@@ -116,6 +127,7 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
         log.warning("entry %s: ignoring unknown key %r%s", name, key, hint)
     if "motion_module" not in e or not ("prompt" in e or "prompt_map" in e):
         raise ConfigError("needs 'motion_module' and 'prompt' (or 'prompt_map')")
+    e = _controlnet_entries(_sparsectrl_entries(e))
     settings = _settings(e, root)
     Options.build(settings)  # checked now, before any model loads
     prompts = [e["prompt_map"]] if "prompt_map" in e else _as_list(e["prompt"])
@@ -134,6 +146,38 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
             extra = {} if seed in (-1, None) else {"seed": seed}
             runs.append(Run(f"{name}-{i}", models, prompt, negative, {**settings, **extra}))
     return runs
+
+
+def _sparsectrl_entries(e: dict) -> dict:
+    """The official SparseCtrl keys under this project's names."""
+    if "controlnet_path" not in e:
+        if "controlnet_images" in e:
+            raise ConfigError(
+                "controlnet_images is the official SparseCtrl key (with controlnet_path); "
+                "standard ControlNets go in controlnets: [{path, images, scale, start, end}]"
+            )
+        return e
+    return {OFFICIAL_SPARSECTRL.get(k, k): v for k, v in e.items()}
+
+
+def _controlnet_entries(e: dict) -> dict:
+    """`controlnets: [{path, images, scale, start, end}]` (one entry per ControlNet) -> the
+    model list and the per-ControlNet options."""
+    nets = e.get("controlnets")
+    if not isinstance(nets, list) or not all(isinstance(c, dict) for c in nets):
+        return e
+    keys = {"path", "images", "scale", "start", "end"}
+    for c in nets:
+        if not {"path", "images"} <= set(c) or set(c) - keys:
+            raise ConfigError(
+                f"controlnets: each needs path and images (and may have scale, start, end), got {c!r}"
+            )
+    e = dict(
+        e, controlnets=[c["path"] for c in nets], controlnet_images=[c["images"] for c in nets]
+    )
+    for key, default in (("scale", 1.0), ("start", 0.0), ("end", 1.0)):
+        e[f"controlnet_{key}"] = [c.get(key, default) for c in nets]
+    return e
 
 
 def _settings(e: dict, root: Path) -> dict[str, Any]:
@@ -166,6 +210,8 @@ def _models(e: dict, motion_module: str, root: Path) -> ModelOptions:
         sparsectrl=_path(e.get("controlnet_path"), root),
     )
     ours = {k: v for k, v in e.items() if k in MODEL_FIELDS and k != "motion_module"}
+    if "controlnets" in ours:
+        ours["controlnets"] = [_path(c, root) for c in ours["controlnets"]]
     return ModelOptions(**{**fields, **ours})
 
 

@@ -12,6 +12,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from ..checkpoints.io import CheckpointError, check_keys, load_state_dict
 from ..motion.frames import fold_frames, per_frame_inputs
+from ..options import OptionError
 from ..video.inputs import as_frames
 from .residuals import Residuals, active
 
@@ -100,11 +101,11 @@ def controlnet_inputs(
     scale / start / end (one number for all, or one each)."""
     n = len(models)
     if n == 0:
-        raise ValueError("controlnet_images need ControlNets: load(..., controlnets=[...])")
+        raise OptionError("controlnet_images need ControlNets: load(..., controlnets=[...])")
     one_each = n > 1 or (isinstance(images, list | tuple) and len(images) == 1)
     per_net = list(images) if one_each else [images]
     if len(per_net) != n:
-        raise ValueError(f"{len(per_net)} controlnet_images for {n} ControlNets")
+        raise OptionError(f"{len(per_net)} controlnet_images for {n} ControlNets")
     inputs = []
     for model, frames, scale, start, end in zip(
         models,
@@ -115,7 +116,7 @@ def controlnet_inputs(
     ):
         frames = as_frames(frames, *size, "controlnet_images")
         if frames.shape[2] < num_frames:
-            raise ValueError(
+            raise OptionError(
                 f"controlnet_images has {frames.shape[2]} frames for {num_frames} video frames"
             )
         inputs.append(
@@ -130,5 +131,5 @@ def one_per(name: str, value: float | Sequence[float], n: int) -> list[float]:
     if len(values) == 1 and n > 1:
         values = values * n
     if len(values) != n:
-        raise ValueError(f"{len(values)} values of {name} for {n} ControlNets")
+        raise OptionError(f"{len(values)} values of {name} for {n} ControlNets")
     return values

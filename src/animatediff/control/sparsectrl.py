@@ -25,6 +25,7 @@ from ..motion.config import MotionModuleConfig
 from ..motion.frames import fold_frames, per_frame_inputs
 from ..motion.module import MotionModules
 from ..motion.unet import BlockInputs, FrameWindow, MotionUNet, time_embedding
+from ..options import OptionError
 from ..vae import encode_frames
 from ..video.inputs import as_frames
 from .controlnet import EMBEDDING, embedding_channels
@@ -146,16 +147,16 @@ def sparse_condition(
     (posterior mean, or a sample), scaled like the latents; scribble: pixels as they are."""
     b, _, k, _, _ = images.shape
     if k != len(frames):
-        raise ValueError(f"{k} control images for {len(frames)} control frames")
+        raise OptionError(f"{k} control images for {len(frames)} control frames")
     if any(not -num_frames <= i < num_frames for i in frames):
-        raise ValueError(f"control frames {frames} outside a {num_frames}-frame video")
+        raise OptionError(f"control frames {frames} outside a {num_frames}-frame video")
     frames = [int(i) % num_frames for i in frames]
     if model.latent:
         keys = encode_frames(vae, images, sample_posterior, generator)
     else:
         keys = images
     if keys.shape[1] != model.condition_channels:
-        raise ValueError(
+        raise OptionError(
             f"the SparseCtrl encoder takes {model.condition_channels}-channel conditions, "
             f"got {keys.shape[1]}"
         )

@@ -157,7 +157,7 @@ class AnimationPipeline:
         """
         base, motion_module = resolve_builtin(base, motion_module)
         if motion_module is None:
-            raise ValueError("a motion module is needed with a custom base (motion_module=...)")
+            raise OptionError("a motion module is needed with a custom base (motion_module=...)")
         image = load_base(resolve(base, "base"), dtype=torch.float32)
         if personal is not None:
             load_single_file(image, resolve(personal, "personal"))
@@ -245,7 +245,7 @@ class AnimationPipeline:
             lora = LoRASet.from_pairs(self.unet.motion, pairs)
         name = name or f"lora{len(self.motion_loras)}"
         if name in self.motion_loras:
-            raise ValueError(f"a MotionLoRA named {name!r} is already attached")
+            raise OptionError(f"a MotionLoRA named {name!r} is already attached")
         lora.strength = strength
         self.motion_loras[name] = lora.to(self.device).attach(self.unet.motion)
         return name
@@ -395,7 +395,7 @@ class AnimationPipeline:
         elif len(uncond) == 1:
             uncond = uncond.expand(len(cond), *uncond.shape[1:])
         elif len(uncond) != len(cond):
-            raise ValueError(f"{len(uncond)} negative prompts for {len(cond)} prompts")
+            raise OptionError(f"{len(uncond)} negative prompts for {len(cond)} prompts")
         return torch.cat(
             [_rows(uncond, num_frames, videos, travel), _rows(cond, num_frames, videos, travel)]
         )
@@ -438,7 +438,7 @@ class AnimationPipeline:
         shape = (videos, LATENT_CHANNELS, s.num_frames, s.height // factor, s.width // factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+                raise OptionError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             return latents.to(self.device, torch.float32)
         draws = []
         for i, seed in enumerate(self.seeds(s.seed, videos)):
@@ -464,7 +464,7 @@ class AnimationPipeline:
         controls = []
         if c.control_images is not None:
             if self.sparsectrl is None:
-                raise ValueError(
+                raise OptionError(
                     "control_images need a SparseCtrl encoder: load(..., sparsectrl=PATH)"
                 )
             latent_size = (s.height // self.vae_scale_factor, s.width // self.vae_scale_factor)
@@ -526,7 +526,7 @@ class AnimationPipeline:
         """The first step when denoising from an init noised to `strength` (diffusers' rule:
         the last `int(num_steps * strength)` steps run)."""
         if options.noise.freeinit_iterations:
-            raise ValueError("FreeInit re-draws the initial noise; not with an init image/video")
+            raise OptionError("FreeInit re-draws the initial noise; not with an init image/video")
         steps, strength = options.sampling.num_inference_steps, options.init.strength
         return steps - min(int(steps * strength), steps)
 
@@ -534,9 +534,9 @@ class AnimationPipeline:
         """Init image (one frame, repeated) or video (its first `num_frames`) -> latents."""
         num_frames = options.sampling.num_frames
         if frames.shape[2] not in (1, num_frames) and frames.shape[2] < num_frames:
-            raise ValueError(f"init video has {frames.shape[2]} frames, fewer than {num_frames}")
+            raise OptionError(f"init video has {frames.shape[2]} frames, fewer than {num_frames}")
         if frames.shape[0] not in (1, videos):
-            raise ValueError(f"{frames.shape[0]} init videos for {videos} generated videos")
+            raise OptionError(f"{frames.shape[0]} init videos for {videos} generated videos")
         chunk = options.output.decode_chunk_size
         latents = encode_frames(
             self.vae, frames[:, :, :num_frames].to(self.device), chunk_size=chunk

@@ -26,6 +26,7 @@ from typing import Any
 from ..checkpoints.fewstep import Release, lora_release, motion_release
 from ..checkpoints.io import read_metadata
 from ..checkpoints.motion import DIFFUSERS_WEIGHTS, MotionCheckpoint
+from ..options import OptionError
 
 SETTINGS = ("scheduler", "scheduler_config", "num_inference_steps", "guidance_scale")
 AUTO = "auto"
@@ -94,7 +95,7 @@ def preset_settings(name: str, motion_module_info: object = None, **explicit: An
         if name is None:
             return _with_explicit({}, explicit)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_CHOICES)}")
+        raise OptionError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_CHOICES)}")
     steps = release.steps if release is not None and release.preset == name else None
     return _with_explicit(PRESETS[name].settings(steps), explicit)
 
@@ -111,7 +112,7 @@ def detect_preset(*sources: object) -> str | None:
 def _with_explicit(settings: dict, explicit: Mapping[str, Any]) -> dict:
     unknown = sorted(set(explicit) - {*SETTINGS, "lora_strength"})
     if unknown:
-        raise ValueError(f"not a preset setting: {', '.join(unknown)}; expected {SETTINGS}")
+        raise OptionError(f"not a preset setting: {', '.join(unknown)}; expected {SETTINGS}")
     given = {k: v for k, v in explicit.items() if v is not None}
     if "scheduler" in given and given["scheduler"] != settings.get("scheduler"):
         settings = {**settings, "scheduler_config": {}}  # made for the preset's scheduler

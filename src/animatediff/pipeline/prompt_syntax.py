@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from ..options import OptionError
+
 __all__ = ["BREAK", "parse_prompt_attention"]
 
 # The part that stands for BREAK in parse_prompt_attention's result (A1111's convention).
@@ -75,7 +77,7 @@ def _number(weight: str, text: str) -> float:
     try:
         return float(weight)
     except ValueError:
-        raise ValueError(f"prompt: bad attention weight {weight!r} in {text!r}") from None
+        raise OptionError(f"prompt: bad attention weight {weight!r} in {text!r}") from None
 
 
 def _scale(parts: list[list], start: int, factor: float) -> None:

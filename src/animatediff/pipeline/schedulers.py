@@ -19,6 +19,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..options import OptionError
 from ..schedule import ANIMATEDIFF_SCHEDULE
 
 SCHEDULERS = {
@@ -48,12 +49,12 @@ def make_scheduler(name: str = "ddim", **overrides) -> SchedulerMixin:
     options = scheduler_options(name)
     unknown = sorted(set(overrides) - set(options))
     if unknown:
-        raise ValueError(f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}")
+        raise OptionError(f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}")
     base = {k: v for k, v in {**ANIMATEDIFF_SCHEDULE, **extra}.items() if k in options}
     return cls(**{**base, **overrides})
 
 
 def _lookup(name: str):
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+        raise OptionError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from ..options import OptionError
 from .read import read_frames_as_tensor, read_video, resize_center_crop
 from .write import Video
 
@@ -32,10 +33,10 @@ def as_frames(frames: FramesLike, height: int, width: int, what: str) -> torch.T
     else:  # a list of files (or tensors): each resized, then placed one after the other
         return torch.cat([as_frames(f, height, width, what) for f in frames], dim=2)
     if video.ndim != 5 or video.shape[1] != 3:
-        raise ValueError(f"{what}: expected (b, 3, f, h, w) frames, got {tuple(video.shape)}")
+        raise OptionError(f"{what}: expected (b, 3, f, h, w) frames, got {tuple(video.shape)}")
     video = video.float()
     if video.min() < 0 or video.max() > 1:
-        raise ValueError(f"{what}: values must be in [0, 1], got [{video.min()}, {video.max()}]")
+        raise OptionError(f"{what}: values must be in [0, 1], got [{video.min()}, {video.max()}]")
     if tuple(video.shape[-2:]) != (height, width):
         video = torch.stack([resize_center_crop(v, (width, height)) for v in video])
     return video
@@ -60,6 +61,6 @@ def reference_images(images) -> Image.Image | list[Image.Image] | torch.Tensor:
     if isinstance(images, Sequence) and not isinstance(images, torch.Tensor):
         items = [reference_images(i) for i in images]
         if not all(isinstance(i, Image.Image) for i in items):
-            raise ValueError("give reference images as image files, or one video")
+            raise OptionError("give reference images as image files, or one video")
         return items if len(items) > 1 else items[0]
     return images
