@@ -84,10 +84,18 @@ def test_default_schedule_is_animatediff_linear():
         make_scheduler("nope")
 
 
-def test_long_prompt_is_truncated_with_warning(pipe):
-    long_prompt = " ".join(["red circle"] * 60)
-    with pytest.warns(UserWarning, match="longer than 77"):
-        pipe(long_prompt, seed=0, num_frames=2, num_inference_steps=1, progress=False)
+def test_long_prompt_is_encoded_whole_in_chunks(pipe):
+    """A prompt over 75 tokens is not cut: it is encoded in chunks of 77 (A1111's rule), the
+    negative prompt padded to the same length, with no warning; its end changes the video."""
+    long_prompt = " ".join(["red circle"] * 60)  # 120 words: 2 chunks
+    assert pipe.encode([long_prompt, ""]).shape[1] == 2 * 77
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = dict(seed=0, num_frames=2, num_inference_steps=1, progress=False)
+        video = pipe(long_prompt + ", blue square", **run).frames
+    assert not torch.equal(video, pipe(long_prompt + ", green star", **run).frames)
 
 
 def test_bad_sizes_are_rejected(pipe):
