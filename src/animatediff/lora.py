@@ -47,11 +47,6 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         raise KeyError(path) from e
 
 
-def missing_targets(model: nn.Module, pairs: Mapping[str, LoRAPair]) -> list[str]:
-    names = dict(model.named_modules())
-    return [p for p in pairs if p not in names or not hasattr(names[p], "weight")]
-
-
 @torch.no_grad()
 def merge_lora(model: nn.Module, pairs: Mapping[str, LoRAPair], strength: float) -> None:
     """The official merge: `W += strength * scale * up @ down`, permanently."""

@@ -1,4 +1,5 @@
-"""Reading and writing weight files: the one place the project touches checkpoints on disk.
+"""Reading and writing weight files safely: `load_state_dict` (and `load_object` for nested
+pickles) for every weight file the project reads, `save_state_dict` for those it writes.
 
 Checkpoints come from the internet, so loading never executes code: safetensors files are
 plain data, and pickles (``.ckpt``/``.pt``/``.pth``/``.bin``) go through

@@ -88,6 +88,31 @@ class Plan:
         return ctx if ctx.applies(self.noise.shape[2]) else None
 
 
+def load_image_model(base, personal, vae, loras, lora_scaling: str, adapter) -> ImageModel:
+    """The image model: a base, optionally replaced by a single-file personal model and a VAE
+    file, with image LoRAs and the domain adapter merged into its weights."""
+    image = load_base(resolve(base, "base"), dtype=torch.float32)
+    if personal is not None:
+        load_single_file(image, resolve(personal, "personal"))
+    if vae is not None:
+        load_vae_file(image, resolve(vae, "vae"))
+    for path, strength in _strength_pairs(loras):
+        apply_image_lora(image, resolve(path, "lora"), strength, lora_scaling)
+    if adapter is not None:
+        ((path, scale),) = _strength_pairs(adapter)
+        pairs = attention_lora_pairs(image.unet, resolve(path, "adapter"), "domain adapter")
+        merge_lora(image.unet, pairs, scale)
+    return image
+
+
+def _motion_module(motion_module, version: str | None):
+    """(MotionModules, recognised release or None) from a module object or any file."""
+    if isinstance(motion_module, MotionModules):
+        return motion_module, None
+    ckpt = read_motion_checkpoint(resolve(motion_module, "motion_module"), version)
+    return build_motion_module(ckpt), ckpt.release
+
+
 def _strength_pairs(items) -> list[tuple[str, float]]:
     """Accept `path`, `(path, strength)` or a list of either."""
     if items is None:
@@ -116,7 +141,6 @@ class AnimationPipeline:
         self.ip_adapter: IPAdapter | None = None
         self.embeddings = TextualInversions(self.text_encoder.config.hidden_size)
         self.motion_release = None  # a recognised few-step release (Lightning, AnimateLCM)
-        self.sources: dict[str, object] = {}
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -158,45 +182,21 @@ class AnimationPipeline:
         base, motion_module = resolve_builtin(base, motion_module)
         if motion_module is None:
             raise OptionError("a motion module is needed with a custom base (motion_module=...)")
-        image = load_base(resolve(base, "base"), dtype=torch.float32)
-        if personal is not None:
-            load_single_file(image, resolve(personal, "personal"))
-        if vae is not None:
-            load_vae_file(image, resolve(vae, "vae"))
-        for path, strength in _strength_pairs(loras):
-            apply_image_lora(image, resolve(path, "lora"), strength, lora_scaling)
-        if adapter is not None:
-            ((path, scale),) = _strength_pairs(adapter)
-            pairs = attention_lora_pairs(image.unet, resolve(path, "adapter"), "domain adapter")
-            merge_lora(image.unet, pairs, scale)
-        release = None
-        if isinstance(motion_module, MotionModules):
-            motion = motion_module
-        else:
-            ckpt = read_motion_checkpoint(resolve(motion_module, "motion_module"), motion_version)
-            motion, release = build_motion_module(ckpt), ckpt.release
+        image = load_image_model(base, personal, vae, loras, lora_scaling, adapter)
+        motion, release = _motion_module(motion_module, motion_version)
         pipe = cls(image, MotionUNet(image.unet, motion), scheduler=scheduler)
         pipe.motion_release = release
         for path in embeddings:
             pipe.embeddings.load(resolve(path, "embedding"))
-        pipe.sources = dict(
-            base=str(base),
-            motion_module=str(motion_module),
-            personal=personal,
-            loras=_strength_pairs(loras),
-            adapter=adapter,
-        )
         for path, strength in _strength_pairs(motion_loras):
             pipe.add_motion_lora(resolve(path, "motion_lora"), strength)
         if sparsectrl is not None:
             pipe.sparsectrl = load_sparsectrl(resolve(sparsectrl, "sparsectrl"), image.unet)
-            pipe.sources["sparsectrl"] = str(sparsectrl)
         if controlnets is not None:
             paths = [controlnets] if isinstance(controlnets, str | Path) else list(controlnets)
             pipe.controlnets = [
                 load_controlnet(resolve(p, "controlnet"), image.unet) for p in paths
             ]
-            pipe.sources["controlnets"] = [str(p) for p in paths]
         if ip_adapter is not None:
             ip_file = resolve(ip_adapter, "ip_adapter")
             encoder = resolve(image_encoder or ip_file.parent / "image_encoder", "image_encoder")
