@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import UsageError, UserError
 from ..world.evaluate import add_arguments as evaluate_arguments
-from . import generate
+from . import generate, ui
 from .flags import Parser
 
 EXIT_USAGE = 2
@@ -34,6 +34,7 @@ HEAVY = {
     "models": ("animatediff.cli.commands", "models"),
     "train": ("animatediff.cli.commands", "train_command"),
     "evaluate": ("animatediff.cli.commands", "evaluate_command"),
+    "ui": ("animatediff.cli.ui", "serve"),
 }
 
 
@@ -79,6 +80,7 @@ def build_parser() -> Parser:
     i = sub.add_parser("inspect", help="what a checkpoint file is", **kw)
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
+    ui.add_arguments(sub.add_parser("ui", help="start the web UI (Gradio) on this machine", **kw))
     return parser
 
 
@@ -86,6 +88,8 @@ def prepare(args: argparse.Namespace):
     """The light half: checks that need no model; returns what the heavy half takes."""
     if args.command == "generate":
         return generate.prepare(args)
+    if args.command == "ui":
+        return ui.prepare(args)
     for name in ("input", "file", "config"):
         path = getattr(args, name, None)
         if path is not None and not Path(path).exists():

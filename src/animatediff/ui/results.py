@@ -1,0 +1,124 @@
+"""The server's results: one folder each, with generated names, under one output folder.
+
+`<outputs>/<time>-<random>/` holds `animation.gif`, `animation.mp4`, `settings.json` (written
+last: its presence marks a finished result), `command.txt`, `animation.yaml` and the stored
+inputs. The gallery lists these folders, so it survives page reloads and server restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..video import Video
+from .settings import NotExpressible, Settings, command, config_yaml
+
+NAME = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+GIF, MP4, SETTINGS, COMMAND, CONFIG = (
+    "animation.gif",
+    "animation.mp4",
+    "settings.json",
+    "command.txt",
+    "animation.yaml",
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    folder: Path
+    settings: dict
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def gif(self) -> Path:
+        return self.folder / GIF
+
+    @property
+    def mp4(self) -> Path:
+        return self.folder / MP4
+
+    @property
+    def command(self) -> str:
+        return (self.folder / COMMAND).read_text().strip()
+
+    @property
+    def config(self) -> Path | None:
+        path = self.folder / CONFIG
+        return path if path.exists() else None
+
+    def caption(self) -> str:
+        prompt = self.settings.get("prompt")
+        text = prompt[0] if isinstance(prompt, list) and prompt else str(prompt)
+        return f"{text[:60]} (seed {self.settings.get('seed')})"
+
+
+class Results:
+    """Create, complete, list and look up result folders."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def new_folder(self) -> Path:
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        folder = self.root / name
+        folder.mkdir()
+        return folder
+
+    def discard(self, folder: Path) -> None:
+        """Remove an unfinished result's folder (a failed or cancelled generation)."""
+        if folder.parent == self.root and not (folder / SETTINGS).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def save(self, folder: Path, video: Video, settings: Settings, sources: dict) -> Result:
+        video.save(folder / GIF)
+        video.save(folder / MP4)
+        _write(folder / COMMAND, command(settings) + "\n")
+        try:
+            _write(folder / CONFIG, config_yaml(settings, CONFIG))
+            config_note = None
+        except NotExpressible as e:
+            config_note = str(e)
+        info = {
+            **video.info,
+            "fps": settings.fps,
+            "models": sources,
+            "command": command(settings),
+            "config": config_note or CONFIG,
+        }
+        _write(folder / SETTINGS, json.dumps(info, indent=2, default=str))
+        return Result(folder, info)
+
+    def list(self, limit: int = 100) -> list[Result]:
+        """Finished results, newest first."""
+        names = sorted(
+            (p.name for p in self.root.iterdir() if NAME.fullmatch(p.name)), reverse=True
+        )
+        results = (self.get(n) for n in names)
+        return [r for r in results if r is not None][:limit]
+
+    def get(self, name: str) -> Result | None:
+        """A finished result by its folder name; None for any other name."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            return None
+        folder = self.root / name
+        try:
+            settings = json.loads((folder / SETTINGS).read_text())
+        except (OSError, ValueError):
+            return None
+        return Result(folder, settings) if (folder / GIF).exists() else None
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
