@@ -1,0 +1,295 @@
+"""The web UI in a real browser: `animatediff ui` started as a subprocess on a free port, driven
+by Playwright through Debian's headless Chromium, on the built-in model at small sizes.
+
+Needs gradio, playwright and /usr/bin/chromium (`.ci/install-browser`); skipped without them.
+Screenshots of the main screens go to $ANIMATEDIFF_SCREENSHOTS when set (docs/ui/ holds the
+committed ones: `ANIMATEDIFF_SCREENSHOTS=docs/ui pytest tests/test_ui.py`), else to a temporary
+folder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import animatediff
+from animatediff import builtin
+from animatediff.cli.main import main
+from animatediff.video import read_video
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("needs Debian's chromium (.ci/install-browser)", allow_module_level=True)
+pytest.importorskip("gradio", reason="needs gradio: pip install -e '.[ui]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the test extra)")
+
+pytestmark = [pytest.mark.ui, pytest.mark.slow]
+
+# Chromium's own background connections are refused on a closed network; switch them off.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PROMPT = "a red circle moving on a blue background"
+START_TIMEOUT_S = 240  # importing torch, diffusers and gradio on a busy 2-core machine
+RUN_TIMEOUT_MS = 120_000
+
+
+# -- the server and the browser ------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the server did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`animatediff ui` on a model folder holding one MotionLoRA under a name of its own."""
+    root = tmp_path_factory.mktemp("ui")
+    models = root / "models"
+    models.mkdir()
+    (models / "my-camera-move.ckpt").write_bytes(builtin.motion_lora("pan-left").read_bytes())
+    src = str(Path(animatediff.__file__).parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+        "OMP_NUM_THREADS": "1",  # as this process (conftest): the same frames bit for bit
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    argv = ["ui", "--port", str(port), "--models", str(models), "--outputs", str(root / "outputs")]
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "animatediff.cli.main", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        wait_for_server(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(RUN_TIMEOUT_MS)
+    page.goto(server)
+    page.wait_for_selector("#generate")
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("ANIMATEDIFF_SCREENSHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- page helpers --------------------------------------------------------------------------------
+def fill(page, elem_id: str, value) -> None:
+    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    options = page.locator(f"#{box.get_attribute('aria-controls')}")  # this dropdown's list
+    options.get_by_role("option", name=option, exact=True).click()
+
+
+def settings(page, steps: int, frames: int = 8, seed: int = 1, prompt: str = PROMPT) -> None:
+    fill(page, "prompt", prompt)
+    fill(page, "frames", frames)
+    fill(page, "steps", steps)
+    fill(page, "seed", seed)
+
+
+def generate_and_wait(page, seed: int) -> None:
+    page.click("#generate")
+    page.wait_for_selector("#progress [data-state=done]")
+    page.wait_for_function(f"document.querySelector('#result-info').innerText.includes('{seed}')")
+
+
+def download(page, elem_id: str, target: Path) -> Path:
+    with page.expect_download() as info:
+        page.click(f"#{elem_id}")
+    info.value.save_as(target)
+    return target
+
+
+def shown_animation(page) -> Image.Image:
+    """The animation the page shows, fetched from its <img> as the browser does."""
+    src = page.locator("#result img").get_attribute("src")
+    data = page.request.get(src).body()
+    return Image.open(io.BytesIO(data))
+
+
+def message(page) -> str:
+    page.wait_for_selector("#message [role=alert]")
+    return page.locator("#message").inner_text()
+
+
+# -- tests ---------------------------------------------------------------------------------------
+def test_generate_shows_the_animation_and_the_mp4_decodes(page, tmp_path, shots):
+    settings(page, steps=4, frames=8, seed=11)
+    generate_and_wait(page, 11)
+    image = shown_animation(page)
+    assert image.format == "GIF" and image.n_frames == 8 and image.size == (64, 64)
+    natural = page.locator("#result img").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert natural == [64, 64]
+    info = page.locator("#result-info").inner_text()
+    assert "Seed 11" in info and "8 frames" in info and "64x64" in info
+    mp4 = read_video(download(page, "download-mp4", tmp_path / "result.mp4"))
+    gif = read_video(download(page, "download-gif", tmp_path / "result.gif"))
+    assert mp4.shape == gif.shape == (3, 8, 64, 64)
+    assert (mp4 - gif).abs().mean() < 0.05  # H.264 is lossy, but it is the same animation
+    page.screenshot(path=shots / "generate.png", full_page=True)
+
+
+def test_motion_lora_and_personal_style_round_trip_through_the_cli(page, tmp_path, shots):
+    settings(page, steps=3, frames=8, seed=21)
+    page.get_by_role("tab", name="Models").click()
+    choose(page, "personal", "stripes (built-in)")
+    choose(page, "motion-lora-1", "zoom-in (built-in)")
+    choose(page, "motion-lora-2", "my-camera-move.ckpt")  # recognised by its content
+    page.screenshot(path=shots / "models.png")
+    generate_and_wait(page, 21)
+    page.click("#copy-command")
+    command = page.locator("#command .cm-content").inner_text().strip()
+    assert "--personal stripes" in command and "--motion-lora zoom-in:1" in command
+    assert "my-camera-move.ckpt:1" in command and "--seed 21" in command
+    page.screenshot(path=shots / "command.png", full_page=True)
+    shown = read_video(download(page, "download-gif", tmp_path / "page.gif"))
+    argv = shlex.split(command)
+    assert main([*argv[1:], "-o", str(tmp_path / "cli.gif")]) == 0
+    assert torch.equal(read_video(tmp_path / "cli.gif"), shown)
+    config = download(page, "save-config", tmp_path / "animation.yaml")
+    assert main(["generate", "--config", str(config), "-o", str(tmp_path / "cfg")]) == 0
+    (from_config,) = (tmp_path / "cfg").glob("*.gif")
+    assert torch.equal(read_video(from_config), shown)
+
+
+def test_cancel_stops_a_run(page, shots):
+    settings(page, steps=400, frames=16, seed=31)
+    page.click("#generate")
+    page.wait_for_function(
+        "Number(document.querySelector('#progress [data-state=running]')?.dataset.step) >= 2"
+    )
+    assert "ETA" in page.locator("#progress").inner_text()
+    page.screenshot(path=shots / "progress.png")
+    page.click("#cancel")
+    page.wait_for_function(
+        "document.querySelector('#message').innerText.includes('cancelled at step')"
+    )
+    text = page.locator("#message").inner_text()
+    step = int(text.split("cancelled at step")[1].split()[0])
+    assert step < 400
+    page.wait_for_selector("#progress [data-state=idle]")
+    assert page.locator("#generate").is_enabled()
+
+
+def test_two_runs_queue_one_after_the_other(browser, server, shots):
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in range(2)]
+    first, second = (c.new_page() for c in contexts)
+    try:
+        for page, steps, seed in ((first, 40, 41), (second, 3, 42)):
+            page.set_default_timeout(RUN_TIMEOUT_MS)
+            page.goto(server)
+            page.wait_for_selector("#generate")
+            settings(page, steps=steps, frames=16, seed=seed)
+        first.click("#generate")
+        first.wait_for_selector("#progress [data-state=running]")
+        second.click("#generate")
+        second.wait_for_selector("#progress [data-state=queued]")
+        assert "1 generation ahead" in second.locator("#progress").inner_text()
+        second.screenshot(path=shots / "queued.png")
+        first.wait_for_selector("#progress [data-state=done]")
+        # the second starts only now: it cannot have finished before the first
+        second.wait_for_selector("#progress [data-state=done]")
+        assert "Seed 42" in second.locator("#result-info").inner_text()
+    finally:
+        for context in contexts:
+            context.close()
+
+
+def test_bad_input_is_a_message_not_a_traceback(page, tmp_path, shots):
+    settings(page, steps=3, seed=51)
+    fill(page, "width", 100)
+    page.click("#generate")
+    assert "width: 100 is not a multiple of 8 (try 96)" in message(page)
+    page.screenshot(path=shots / "error.png")
+    fill(page, "width", 64)
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not a picture at all")
+    page.get_by_role("tab", name="Control").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(fake))
+    page.wait_for_selector("#init-image :text('holiday.png')")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#message').innerText.includes('init image')")
+    assert "init image: not a readable image" in page.locator("#message").inner_text()
+    assert "Traceback" not in page.content()
+
+
+def test_gallery_survives_a_reload(page, shots):
+    settings(page, steps=3, seed=61)
+    generate_and_wait(page, 61)
+    page.reload()
+    page.wait_for_selector("#gallery img")
+    thumbnails = page.locator("#gallery button.thumbnail-item")
+    assert thumbnails.count() >= 1
+    thumbnails.first.click()
+    page.wait_for_selector("#result img")
+    assert "Seed 61" in page.locator("#result-info").inner_text()  # the newest result
+    page.screenshot(path=shots / "gallery.png", full_page=True)
