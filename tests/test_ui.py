@@ -50,6 +50,7 @@ CHROMIUM_ARGS = [
 PROMPT = "a red circle moving on a blue background"
 START_TIMEOUT_S = 240  # importing torch, diffusers and gradio on a busy 2-core machine
 RUN_TIMEOUT_MS = 120_000
+REF_MODULE = Path(__file__).parent / "data" / "official_tiny" / "mm_v1.ckpt"
 
 
 # -- the server and the browser ------------------------------------------------------------------
@@ -80,6 +81,8 @@ def server(tmp_path_factory):
     models = root / "models"
     models.mkdir()
     (models / "my-camera-move.ckpt").write_bytes(builtin.motion_lora("pan-left").read_bytes())
+    # a motion module for another base (four UNet levels; the built-in base has three)
+    (models / "other-motion.ckpt").write_bytes(REF_MODULE.read_bytes())
     src = str(Path(animatediff.__file__).parents[1])
     env = {
         **os.environ,
@@ -279,7 +282,16 @@ def test_bad_input_is_a_message_not_a_traceback(page, tmp_path, shots):
     page.click("#generate")
     page.wait_for_function("document.querySelector('#message').innerText.includes('init image')")
     assert "init image: not a readable image" in page.locator("#message").inner_text()
+    page.locator("#init-image button[aria-label='Clear']").click()
+    # a failure while generating: a motion module that does not fit the base
+    page.get_by_role("tab", name="Models").click()
+    choose(page, "motion-module", "other-motion.ckpt (v1)")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#message').innerText.includes('does not fit')")
+    assert "motion module does not fit this UNet" in page.locator("#message").inner_text()
     assert "Traceback" not in page.content()
+    choose(page, "motion-module", "built-in (v3)")  # the server recovered: this one runs
+    generate_and_wait(page, 51)
 
 
 def test_gallery_survives_a_reload(page, shots):
@@ -293,3 +305,32 @@ def test_gallery_survives_a_reload(page, shots):
     page.wait_for_selector("#result img")
     assert "Seed 61" in page.locator("#result-info").inner_text()  # the newest result
     page.screenshot(path=shots / "gallery.png", full_page=True)
+    page.click("#reuse-settings")  # the form as it was for that result
+    page.wait_for_function("document.querySelector('#seed input').value === '61'")
+    assert page.locator("#steps input").input_value() == "3"
+    assert page.locator("#prompt textarea").input_value() == PROMPT
+
+
+def test_closing_the_page_cancels_its_run(browser, server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(RUN_TIMEOUT_MS)
+    page.goto(server)
+    page.wait_for_selector("#generate")
+    settings(page, steps=500, frames=16, seed=71)
+    page.click("#generate")
+    page.wait_for_selector("#progress [data-state=running]")
+    context.close()  # no cancel: the page is simply gone
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(RUN_TIMEOUT_MS)
+        page.goto(server)
+        page.wait_for_selector("#generate")
+        settings(page, steps=2, seed=72)
+        started = time.monotonic()
+        generate_and_wait(page, 72)
+        # 500 steps would take minutes; the abandoned run stopped instead
+        assert time.monotonic() - started < 60
+    finally:
+        context.close()

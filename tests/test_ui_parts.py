@@ -6,7 +6,9 @@ The browser tests are in test_ui.py.
 
 from __future__ import annotations
 
+import json
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -155,6 +157,23 @@ def test_library_opens_nothing_but_what_it_offers(library, model_dir, key):
             FormReader(library, model_dir).read(form(lora_1=key))
 
 
+def test_library_remembers_files_until_they_change(model_dir, tmp_path):
+    cache = tmp_path / "scan.json"
+    ModelLibrary([model_dir], cache)
+    remembered = json.loads(cache.read_text())
+    lora = model_dir / "loras" / "outline.safetensors"
+    (key,) = [k for k in remembered if k.startswith(f"{lora}|")]
+    remembered[key]["kind"] = "MotionLoRA"  # what a restart would believe without reading it
+    cache.write_text(json.dumps(remembered))
+    assert "0:loras/outline.safetensors" in keys(ModelLibrary([model_dir], cache), "motion_lora")
+    copy = tmp_path / "models"
+    shutil.copytree(model_dir, copy, symlinks=True)
+    (copy / "loras" / "outline.safetensors").write_bytes(lora.read_bytes() + b"")  # new mtime
+    changed = ModelLibrary([copy], cache)
+    assert "0:loras/outline.safetensors" in keys(changed, "lora")
+    assert not any(k.startswith(f"{lora}|") for k in json.loads(cache.read_text()))  # pruned
+
+
 def test_library_refuses_a_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
         ModelLibrary([tmp_path / "nowhere"])
@@ -254,7 +273,7 @@ def test_command_uses_builtin_names_and_protects_odd_prompts(library, tmp_path):
         config_entry(two)
 
 
-def round_trip(service: Service, values: dict, tmp_path: Path) -> None:
+def round_trip(service: Service, values: dict, tmp_path: Path):
     """Generate through the service, then run its command and its config through the CLI:
     the three GIFs' frames must be identical."""
     job, _ = service.submit(values)
@@ -273,6 +292,7 @@ def round_trip(service: Service, values: dict, tmp_path: Path) -> None:
     assert torch.equal(read_video(tmp_path / "command.gif"), expected)
     (from_config,) = (tmp_path / "cfg").glob("*.gif")
     assert torch.equal(read_video(from_config), expected)
+    return result
 
 
 @pytest.mark.slow
@@ -313,8 +333,12 @@ def test_command_and_config_regenerate_the_same_frames(model_dir, tmp_path):
         init_image=png(tmp_path / "init.png", (30, 200, 30)),
         strength=0.9,
     )
-    round_trip(service, values, tmp_path / "b")
+    result = round_trip(service, values, tmp_path / "b")
     assert service.manager.loads["base"] == 2  # the built-in model, then the tiny base
+    form_again = result.settings["form"]  # what "use these settings" puts back in the page
+    assert Path(form_again["init_image"]).parent == result.folder
+    assert [Path(p).parent for p in form_again["control_images"]] == [result.folder] * 2
+    assert form_again["seed"] == 3 and form_again["sparsectrl"] == "0:sparsectrl_rgb.ckpt"
 
 
 # -- the model manager ---------------------------------------------------------------------------
@@ -419,6 +443,10 @@ def test_worker_runs_one_job_at_a_time_in_order_and_cancels():
 
     def broken(job):
         raise RuntimeError("out of memory\n  while decoding")
+
+    passes = worker.submit(lambda job: [job.progress(i, 3) for _ in range(2) for i in (1, 2, 3)])
+    passes.passes = 2
+    assert passes.finished.wait(10) and passes.pass_index == 1 and passes.eta() == 0
 
     failed = worker.submit(broken)
     assert failed.finished.wait(10)

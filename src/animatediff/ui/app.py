@@ -53,10 +53,15 @@ def progress_html(job: Job | None, ahead: int = 0) -> str:
     if job.phase != "denoising" or not job.total:
         return _progress(job.state, 0, html.escape(job.phase.capitalize()) + "...")
     eta = job.eta()
-    text = f"Step {job.step} / {job.total}" + (
-        f" &middot; ETA {eta:.0f} s" if eta is not None else ""
+    text = f"Step {job.step} / {job.total}"
+    if job.passes > 1:
+        text += f" (pass {job.pass_index + 1} of {job.passes})"
+    if eta is not None:
+        text += f" &middot; ETA {eta:.0f} s"
+    done = (job.pass_index * job.total + job.step) / (
+        max(job.passes, job.pass_index + 1) * job.total
     )
-    return _progress(job.state, 100 * job.step / job.total, text, job.step, job.total)
+    return _progress(job.state, 100 * done, text, job.step, job.total)
 
 
 def _progress(state: str, percent: float, text: str, step: int = 0, total: int = 0) -> str:
@@ -105,6 +110,7 @@ class App:
         ) as demo:
             self.job_id = gr.State(None)
             self.last_seed = gr.State(None)
+            self.shown = gr.State(None)  # the folder name of the result on display
             self.gallery_names = gr.State([])
             gr.Markdown(f"## AnimateDiff\n{html.escape(self._about())}")
             with gr.Row(equal_height=False):
@@ -331,7 +337,15 @@ class App:
                 "Save as config", elem_id="save-config", interactive=False
             )
             self.copy_btn = gr.Button("Copy as command", elem_id="copy-command", interactive=False)
-        self.info = gr.Markdown("", elem_id="result-info")
+        with gr.Row():
+            self.info = gr.Markdown("", elem_id="result-info")
+            self.reuse_btn = gr.Button(
+                "Use these settings",
+                size="sm",
+                scale=0,
+                elem_id="reuse-settings",
+                interactive=False,
+            )
         self.command = gr.Code(
             "",
             language="shell",
@@ -391,6 +405,7 @@ class App:
         self.gallery.select(
             self.show_result, inputs=[self.gallery_names], outputs=result_outputs + [self.message]
         )
+        self.reuse_btn.click(self.reuse, inputs=[self.shown], outputs=list(self.fields.values()))
         demo.load(self.gallery_update, outputs=[self.gallery, self.gallery_names])
 
     def _result_outputs(self) -> list:
@@ -403,6 +418,8 @@ class App:
             self.info,
             self.command,
             self.settings,
+            self.shown,
+            self.reuse_btn,
         ]
 
     # -- handlers ----------------------------------------------------------------------------
@@ -473,7 +490,15 @@ class App:
             self.info: result_info(result, seconds),
             self.command: gr.update(value=result.command, visible=False),
             self.settings: result.settings,
+            self.shown: result.name,
+            self.reuse_btn: gr.update(interactive=bool(result.settings.get("form"))),
         }
+
+    def reuse(self, name: str | None) -> list:
+        """The form as it was for the result on display (fields it lacks stay as they are)."""
+        result = self.service.results.get(name) if name else None
+        form = result.settings.get("form", {}) if result else {}
+        return [form[n] if n in form else gr.update() for n in self.fields]
 
     def cancel(self, job_id: str | None) -> str:
         job = self.jobs.get(job_id) if job_id else None

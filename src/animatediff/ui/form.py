@@ -25,6 +25,13 @@ CONTEXT_SCHEDULES = ("static", "uniform", "looped", "batched")
 CONTEXT_FUSES = ("flat", "pyramid", "overlap-linear")
 INTERPOLATIONS = ("linear", "slerp")
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 500  # DDIM with steps_offset 1 fails at 1000 (timestep 1000 of 0..999)
+UPLOAD_FIELDS = (
+    "control_images",
+    "init_image",
+    "init_video",
+    *(f"controlnet_{i}_images" for i in range(1, CONTROLNET_SLOTS + 1)),
+)
 
 
 def _number(values: dict, name: str, lo: float, hi: float, integer: bool = False) -> float | int:
@@ -65,6 +72,15 @@ class FormReader:
 
     def __init__(self, library: ModelLibrary, folder: Path, upload_limit: int = DEFAULT_LIMIT):
         self.library, self.folder, self.limit = library, folder, upload_limit
+        self.stored: dict[str, str | list[str]] = {}  # upload field -> its stored copy
+
+    def record(self, values: dict, settings: Settings) -> dict:
+        """The form as submitted, for "use these settings": uploads replaced by their stored
+        copies, the seed by the one used."""
+        plain = (str, int, float, bool, list, type(None))
+        record = {k: v for k, v in values.items() if k not in UPLOAD_FIELDS}
+        record = {k: v for k, v in record.items() if isinstance(v, plain)}
+        return {**record, **self.stored, "seed": settings.seed}
 
     def read(self, values: dict, dtype: str | None = None) -> Settings:
         size = self._size(values)
@@ -112,7 +128,7 @@ class FormReader:
     @staticmethod
     def _sampling(values: dict) -> dict:
         return dict(
-            steps=_number(values, "steps", 1, 1000, integer=True),
+            steps=_number(values, "steps", 1, MAX_STEPS, integer=True),
             guidance_scale=_number(values, "guidance_scale", 0, 50),
             scheduler=_choice(values, "scheduler", tuple(SCHEDULERS)),
             fps=_number(values, "fps", 1, 60),
@@ -186,6 +202,8 @@ class FormReader:
             store_image(p, self.folder / f"keyframe-{i}.png", f"keyframe {i + 1}", self.limit)
             for i, p in enumerate(images)
         )
+        if stored:
+            self.stored["control_images"] = list(stored)
         frames = _frame_list(values.get("control_frames"), len(stored), num_frames)
         init_image, init_video = values.get("init_image"), values.get("init_video")
         if init_image and init_video:
@@ -196,16 +214,19 @@ class FormReader:
             control_frames=frames,
             control_scale=_number(values, "control_scale", 0, 5),
             controlnets=self._controlnets(values),
-            init_image=store_image(
-                init_image, self.folder / "init-image.png", "init image", self.limit
-            )
-            if init_image
-            else None,
-            init_video=store_video(init_video, self.folder / "init-video", "init video", self.limit)
-            if init_video
-            else None,
+            init_image=self._store(
+                store_image, values, "init_image", "init-image.png", "init image"
+            ),
+            init_video=self._store(store_video, values, "init_video", "init-video", "init video"),
             strength=_number(values, "strength", 0, 1),
         )
+
+    def _store(self, store, values: dict, field: str, name: str, what: str) -> str | None:
+        """Check and store one upload field's file (None when empty)."""
+        if not values.get(field):
+            return None
+        self.stored[field] = store(values[field], self.folder / name, what, self.limit)
+        return self.stored[field]
 
     def _controlnets(self, values: dict) -> tuple[ControlNetUnit, ...]:
         units = []
@@ -216,9 +237,8 @@ class FormReader:
                 continue
             if model is None or not upload:
                 raise UserError(f"ControlNet {i}: choose a ControlNet and upload its control video")
-            images = store_frames(
-                upload, self.folder / f"control-{i}", f"ControlNet {i} input", self.limit
-            )
+            field, what = f"controlnet_{i}_images", f"ControlNet {i} input"
+            images = self._store(store_frames, values, field, f"control-{i}", what)
             start = _number(values, f"controlnet_{i}_start", 0, 1)
             end = _number(values, f"controlnet_{i}_end", 0, 1)
             if start > end:

@@ -38,7 +38,9 @@ class Job:
     state: str = QUEUED
     phase: str = "waiting"  # what a running job is doing: loading, denoising, saving
     step: int = 0
-    total: int = 0
+    total: int = 0  # steps of one denoising pass
+    passes: int = 1  # FreeInit denoises the video several times
+    pass_index: int = 0
     started: float | None = None  # when denoising began (for the ETA)
     message: str = ""
     result: object = None
@@ -49,16 +51,19 @@ class Job:
         """The pipeline's step callback: record, and stop if cancelled."""
         if self.started is None:
             self.started = time.monotonic()
+        if done < self.step:  # the step count started again: the next pass
+            self.pass_index += 1
         self.phase, self.step, self.total = "denoising", done, total
         if self.cancel_requested.is_set():
             raise Cancelled()
 
     def eta(self) -> float | None:
-        """Seconds left, from the mean time per step so far."""
-        if self.started is None or self.step == 0 or self.total == 0:
+        """Seconds left, from the mean time per step so far (over every pass)."""
+        done = self.pass_index * self.total + self.step
+        if self.started is None or done == 0 or self.total == 0:
             return None
-        per_step = (time.monotonic() - self.started) / self.step
-        return per_step * (self.total - self.step)
+        per_step = (time.monotonic() - self.started) / done
+        return per_step * (max(self.passes, self.pass_index + 1) * self.total - done)
 
 
 class Worker:
@@ -112,8 +117,9 @@ class Worker:
             job.result = job.run(job)
         except Cancelled:
             self._finish(job, CANCELLED, f"cancelled at step {job.step} of {job.total}")
-        except UserError as e:
-            self._finish(job, FAILED, str(e))
+        except (ValueError, FileNotFoundError) as e:  # the library's word for a bad request
+            log.warning("generation failed: %s", _one_line(e))
+            self._finish(job, FAILED, _one_line(e))
         except Exception as e:  # shown as one line; the traceback goes to the server's log
             log.exception("generation failed")
             self._finish(job, FAILED, _one_line(e))

@@ -59,12 +59,18 @@ class UnknownModel(ValueError):
 class ModelLibrary:
     """Scans the model folders; `choices(category)` for the page, `get(key)` to load."""
 
-    def __init__(self, folders: Iterable[str | os.PathLike] = ()):
+    def __init__(
+        self, folders: Iterable[str | os.PathLike] = (), cache_file: str | os.PathLike | None = None
+    ):
+        """`cache_file`: a JSON file remembering what each file is (by path, size and
+        modification time), so that a restart does not read every checkpoint again."""
         self.folders = [Path(f).expanduser().resolve() for f in folders]
         for folder in self.folders:
             if not folder.is_dir():
                 raise ValueError(f"--models {folder}: not a folder")
-        self._cache: dict[tuple[str, int, int], dict] = {}  # (path, size, mtime) -> facts
+        self.cache_file = None if cache_file is None else Path(cache_file)
+        self._cache: dict[str, dict] = _read_cache(self.cache_file)  # "path|size|mtime" -> facts
+        self._used: set[str] = set()
         self.entries: dict[tuple[str, str], ModelEntry] = {}  # (category, key) -> entry
         self.skipped: list[str] = []  # files that could not be read, with the reason
         self.scan()
@@ -88,11 +94,13 @@ class ModelLibrary:
     def scan(self) -> None:
         """Rebuild the entries: built-in ones, then every recognised file in the folders."""
         entries = list(builtin_entries())
-        self.skipped = []
+        self.skipped, self._used = [], set()
         for index, folder in enumerate(self.folders):
             for path in _candidates(folder):
                 entries += self._entries_for(index, folder, path)
         self.entries = {(e.category, e.key): e for e in entries}
+        self._cache = {k: v for k, v in self._cache.items() if k in self._used}  # drop stale ones
+        _write_cache(self.cache_file, self._cache)
 
     def _entries_for(self, index: int, folder: Path, path: Path) -> list[ModelEntry]:
         facts = self._facts(path)
@@ -115,7 +123,8 @@ class ModelLibrary:
             stat = path.stat()
         except OSError:
             return None
-        cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+        cache_key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        self._used.add(cache_key)
         if cache_key not in self._cache:
             try:
                 self._cache[cache_key] = identify(path)
@@ -124,6 +133,28 @@ class ModelLibrary:
                 log.warning("model folder: skipping %s (%s)", path, e)
                 return None
         return self._cache[cache_key]
+
+
+def default_cache_file() -> Path:
+    """Beside the built-in model's cache (`ANIMATEDIFF_CACHE`), outside any served folder."""
+    return builtin.cache_dir().parent / "ui-model-scan.json"
+
+
+def _read_cache(file: Path | None) -> dict[str, dict]:
+    try:
+        data = json.loads(file.read_text()) if file is not None else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: scan again
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(file: Path | None, cache: dict[str, dict]) -> None:
+    if file is None:
+        return
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache))
+    os.replace(tmp, file)
 
 
 def identify(path: Path) -> dict:

@@ -79,7 +79,15 @@ class Results:
         if folder.parent == self.root and not (folder / SETTINGS).exists():
             shutil.rmtree(folder, ignore_errors=True)
 
-    def save(self, folder: Path, video: Video, settings: Settings, sources: dict) -> Result:
+    def save(
+        self,
+        folder: Path,
+        video: Video,
+        settings: Settings,
+        sources: dict,
+        form: dict | None = None,
+    ) -> Result:
+        """Write the result's files; `form` (the page's values) lets the page reuse them."""
         video.save(folder / GIF)
         video.save(folder / MP4)
         _write(folder / COMMAND, command(settings) + "\n")
@@ -94,6 +102,7 @@ class Results:
             "models": sources,
             "command": command(settings),
             "config": config_note or CONFIG,
+            "form": form or {},
         }
         _write(folder / SETTINGS, json.dumps(info, indent=2, default=str))
         return Result(folder, info)
