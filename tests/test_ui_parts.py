@@ -21,6 +21,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 
 from animatediff import AnimationPipeline, builtin
+from animatediff.builtin.model import builtin_model
 from animatediff.checkpoints.io import CheckpointError, save_state_dict
 from animatediff.cli.main import build_parser, main
 from animatediff.ui.form import FormReader
@@ -44,7 +45,7 @@ def model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("models")
     (d / "loras").mkdir()
     (d / "motion").mkdir()
-    model = builtin.builtin_model()
+    model = builtin_model()
     (d / "loras" / "style.safetensors").write_bytes(model.motion_module.read_bytes())
     (d / "loras" / "outline.safetensors").write_bytes(
         builtin.personal("outline-lora")[1].read_bytes()
@@ -258,11 +259,14 @@ def test_command_uses_builtin_names_and_protects_odd_prompts(library, tmp_path):
     )
     argv = command_argv(s)
     assert argv[:2] == ["animatediff", "generate"] and argv[-2:] == ["--", s.prompt]
-    args = build_parser().parse_args(argv[1:])
-    assert args.prompt == s.prompt and args.personal == "stripes"
-    assert args.motion_lora == ["zoom-in:0.55"]
-    assert args.lora == [f"{library.get('0:loras/outline.safetensors', 'lora').path}:0.3"]
-    assert (args.frames, args.width, args.steps, args.seed) == (8, 64, 3, 3)
+    assert build_parser().parse_args(argv[1:]).prompt == s.prompt  # after "--": not a flag
+
+    def value(flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    assert value("--personal") == "stripes" and value("--motion-lora") == "zoom-in:0.55"
+    assert value("--lora") == f"{library.get('0:loras/outline.safetensors', 'lora').path}:0.3"
+    assert [value(f) for f in ("--frames", "--width", "--steps", "--seed")] == ["8", "64", "3", "3"]
     two = Settings(
         prompt="x",
         seed=1,

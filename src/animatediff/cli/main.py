@@ -34,7 +34,7 @@ HEAVY = {
     "models": ("animatediff.cli.commands", "models"),
     "train": ("animatediff.cli.commands", "train_command"),
     "evaluate": ("animatediff.cli.commands", "evaluate_command"),
-    "ui": ("animatediff.cli.ui", "serve"),
+    "ui": ("animatediff.cli.serve", "serve"),
 }
 
 

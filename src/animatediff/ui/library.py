@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import builtin
+from ..builtin.model import builtin_model
 from ..checkpoints.detect import describe
 from ..checkpoints.io import CheckpointError, load_state_dict
 
@@ -202,7 +203,7 @@ def _candidates(folder: Path, depth: int = 0) -> Iterable[Path]:
 
 def builtin_entries() -> list[ModelEntry]:
     """The built-in model and its named extras: always offered."""
-    model = builtin.builtin_model()
+    model = builtin_model()
     entries = [
         ModelEntry(BUILTIN + "base", "built-in", "base", model.base, builtin="base"),
         ModelEntry(

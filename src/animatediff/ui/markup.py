@@ -67,12 +67,12 @@ def message_html(text: str, error: bool = True) -> str:
 
 
 def result_info(result: Result, seconds: float | None = None) -> str:
-    s = result.settings
+    s = result.summary
     parts = [
         f"**Seed** `{s.get('seed')}`",
         f"{s.get('num_frames')} frames",
         f"{s.get('width')}x{s.get('height')}",
-        f"{s.get('num_inference_steps')} steps",
+        f"{s.get('steps')} steps",
         str(s.get("scheduler")),
         f"guidance {s.get('guidance_scale')}",
     ]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import builtin
+from ..builtin.model import builtin_model
 from ..checkpoints.adapters import attention_lora_pairs, check_targets
 from ..checkpoints.io import load_state_dict
 from ..checkpoints.lora import is_kohya, parse_attention_lora, parse_kohya_lora
@@ -167,7 +167,7 @@ class ModelManager:
         if not self._changed("motion_module", spec.motion_module):
             return
         status("loading the motion module")
-        path = spec.motion_module or builtin.builtin_model().motion_module
+        path = spec.motion_module or builtin_model().motion_module
         motion = load_motion_module(path).to(self.device, self.dtype)
         old = self.pipe.unet
         for lora in self.pipe.motion_loras.values():
@@ -230,7 +230,7 @@ class ModelManager:
 
 def _sources(spec: ModelSpec) -> dict:
     """What the saved settings say was loaded (like `AnimationPipeline.sources`)."""
-    model = builtin.builtin_model()
+    model = builtin_model()
     return dict(
         base=spec.base or str(model.base),
         motion_module=spec.motion_module or str(model.motion_module),

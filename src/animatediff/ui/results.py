@@ -55,10 +55,13 @@ class Result:
         path = self.folder / CONFIG
         return path if path.exists() else None
 
+    @property
+    def summary(self) -> dict:
+        """The main settings, in this module's own keys (the pipeline's `info` may change)."""
+        return self.settings.get("summary", {})
+
     def caption(self) -> str:
-        prompt = self.settings.get("prompt")
-        text = prompt[0] if isinstance(prompt, list) and prompt else str(prompt)
-        return f"{text[:60]} (seed {self.settings.get('seed')})"
+        return f"{str(self.summary.get('prompt'))[:60]} (seed {self.summary.get('seed')})"
 
 
 class Results:
@@ -97,6 +100,7 @@ class Results:
         except NotExpressible as e:
             config_note = str(e)
         info = {
+            "summary": summary(settings),
             **video.info,
             "fps": settings.fps,
             "models": sources,
@@ -125,6 +129,19 @@ class Results:
         except (OSError, ValueError):
             return None
         return Result(folder, settings) if (folder / GIF).exists() else None
+
+
+def summary(s: Settings) -> dict:
+    return dict(
+        prompt=s.prompt or "(prompt travel)",
+        seed=s.seed,
+        num_frames=s.num_frames,
+        width=s.width,
+        height=s.height,
+        steps=s.steps,
+        scheduler=s.scheduler,
+        guidance_scale=s.guidance_scale,
+    )
 
 
 def _write(path: Path, text: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from ..builtin.model import builtin_model
 from .library import ModelEntry
 
 Weighted = tuple[ModelEntry, float]
@@ -199,9 +200,7 @@ def _path(entry: ModelEntry | None) -> str | None:
 
 
 def _builtin_module() -> Path:
-    from .. import builtin
-
-    return builtin.builtin_model().motion_module
+    return builtin_model().motion_module
 
 
 def _number(x: float) -> str:
