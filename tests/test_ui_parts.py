@@ -92,6 +92,7 @@ def form(**changes) -> dict:
         steps=3,
         guidance_scale=7.5,
         scheduler="ddim",
+        preset="",
         seed=3,
         fps=8,
         context_length=16,
@@ -319,6 +320,9 @@ def test_command_and_config_regenerate_the_same_frames(model_dir, tmp_path):
         motion_scale=0.9,
     )
     round_trip(service, values, tmp_path / "a")
+    # a few-step preset (its scheduler settings: Euler with trailing timesteps)
+    lightning = form(preset="lightning", scheduler="euler", steps=4, guidance_scale=1.0)
+    round_trip(service, lightning, tmp_path / "lightning")
     # a custom base, SparseCtrl keyframes, a ControlNet on a control video, an init image
     control = save_video(torch.rand(3, 8, 32, 32), tmp_path / "pose.gif")
     values = form(
@@ -338,7 +342,7 @@ def test_command_and_config_regenerate_the_same_frames(model_dir, tmp_path):
         strength=0.9,
     )
     result = round_trip(service, values, tmp_path / "b")
-    assert service.manager.loads["base"] == 2  # the built-in model, then the tiny base
+    assert service.manager.loads["base"] == 3  # built-in + stripes, built-in, the tiny base
     form_again = result.settings["form"]  # what "use these settings" puts back in the page
     assert Path(form_again["init_image"]).parent == result.folder
     assert [Path(p).parent for p in form_again["control_images"]] == [result.folder] * 2

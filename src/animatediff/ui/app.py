@@ -11,6 +11,7 @@ import time
 
 import gradio as gr
 
+from ..pipeline.presets import PRESETS
 from .jobs import DONE, Job, UserError
 from .library import native_size
 from .markup import COPY_JS, CSS, done_html, message_html, progress_html, result_info
@@ -85,6 +86,12 @@ class App(Page):
             queue=False,
         )
         self.base.change(self.base_size, inputs=[self.base], outputs=[self.width, self.height])
+        self.preset.change(
+            preset_sampling,
+            inputs=[self.preset],
+            outputs=[self.fields[n] for n in ("scheduler", "steps", "guidance_scale")],
+            queue=False,
+        )
         self.rescan_btn.click(self.rescan, outputs=[*self.model_dropdowns.values(), self.message])
 
     def _result_outputs(self) -> list:
@@ -222,6 +229,14 @@ class App(Page):
         if result is None:
             return {self.message: message_html("that result is no longer there; reload the page")}
         return {**self._show(result), self.message: ""}
+
+
+def preset_sampling(name: str) -> tuple:
+    """A named preset's sampler, steps and guidance, put into the form (which stays editable)."""
+    if name not in PRESETS:  # none, or "auto": decided by the motion module at run time
+        return gr.update(), gr.update(), gr.update()
+    preset = PRESETS[name]
+    return preset.scheduler, preset.num_inference_steps, preset.guidance_scale
 
 
 def _category(field: str) -> str:

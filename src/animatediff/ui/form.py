@@ -12,6 +12,7 @@ import math
 import secrets
 from pathlib import Path
 
+from ..pipeline.presets import PRESET_CHOICES
 from ..pipeline.schedulers import SCHEDULERS
 from .jobs import UserError
 from .library import ModelEntry, ModelLibrary, UnknownModel
@@ -131,6 +132,7 @@ class FormReader:
             steps=_number(values, "steps", 1, MAX_STEPS, integer=True),
             guidance_scale=_number(values, "guidance_scale", 0, 50),
             scheduler=_choice(values, "scheduler", tuple(SCHEDULERS)),
+            preset=_choice(values, "preset", ("", *PRESET_CHOICES)) or None,
             fps=_number(values, "fps", 1, 60),
             context_length=_number(values, "context_length", 0, 1024, integer=True),
             context_overlap=_number(values, "context_overlap", 0, 1023, integer=True),

@@ -7,6 +7,7 @@ import html
 
 import gradio as gr
 
+from ..pipeline.presets import PRESET_CHOICES
 from ..pipeline.schedulers import SCHEDULERS
 from .form import (
     CONTEXT_FUSES,
@@ -143,6 +144,10 @@ class Page:
             f(
                 "scheduler",
                 gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler", elem_id="scheduler"),
+            )
+            presets = [("none", ""), *((p, p) for p in PRESET_CHOICES)]
+            self.preset = f(
+                "preset", gr.Dropdown(presets, value="", label="Few-step preset", elem_id="preset")
             )
             f("fps", gr.Number(8, label="FPS", minimum=1, elem_id="fps"))
         with gr.Row(equal_height=True):

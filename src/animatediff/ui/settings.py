@@ -84,6 +84,7 @@ class Settings:
     steps: int = 25
     guidance_scale: float = 7.5
     scheduler: str = "ddim"
+    preset: str | None = None  # a few-step sampler preset (its scheduler settings apply)
     fps: float = 8.0
     context_length: int = 16  # 0: every frame at once
     context_overlap: int = 4
@@ -157,6 +158,7 @@ class Settings:
             guidance_scale=self.guidance_scale,
             seed=self.seed,
             scheduler=self.scheduler,
+            preset=self.preset,
             fps=self.fps,
             context_length=self.context_length or None,
             context_overlap=self.context_overlap,
@@ -276,6 +278,7 @@ def _sampling_flags(s: Settings) -> list[str]:
         value = getattr(s, name)
         if value != DEFAULTS[name]:
             flags += [flag, value if isinstance(value, str) else _number(value)]
+    flags += ["--preset", s.preset] if s.preset else []
     flags += ["--context-views"] if s.context_views else []
     flags += ["--freenoise"] if s.freenoise else []
     flags += ["--freeinit", str(s.freeinit_iterations)] if s.freeinit_iterations else []
@@ -355,6 +358,8 @@ def config_entry(s: Settings) -> dict:
         ]
     if s.adapter is not None:
         entry.update(adapter_lora_path=str(s.adapter[0].path), adapter_lora_scale=s.adapter[1])
+    if s.preset:
+        entry["preset"] = s.preset
     entry.update(
         seed=[s.seed],
         steps=s.steps,
