@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from huggingface_hub.utils import disable_progress_bars
+
 from .. import __version__
 from ..errors import UsageError, UserError
 from ..world.evaluate import add_arguments as evaluate_arguments
@@ -102,7 +104,10 @@ def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(format="animatediff: %(message)s", level=max(level, logging.DEBUG))
     for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):  # our messages only
         os.environ.setdefault(name, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "0":
+        # huggingface_hub is imported already, so its variable alone would come too late; and
+        # transformers, imported later, takes its "Loading weights" bars' setting from here.
+        disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
