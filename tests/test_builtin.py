@@ -9,11 +9,8 @@ evaluated motion model, not at the level of noise.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-import torch
 
 from animatediff import AnimationPipeline, builtin
 from animatediff.builtin.model import builtin_model
@@ -55,14 +52,6 @@ def test_builtin_models_are_trained_small_and_named():
     names = builtin.manifest()
     assert {"stripes", "outline", "outline-lora"} <= set(names["personal"])
     assert {"zoom-in", "pan-left"} <= set(names["motion_loras"])
-    out = subprocess.run(
-        [sys.executable, "-m", "animatediff.cli.main", "models"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    for name in [*names["personal"], *names["motion_loras"]]:
-        assert name in out.stdout
 
 
 def test_every_builtin_extra_loads_through_the_public_api(results):
@@ -203,47 +192,6 @@ def test_motion_lora_rank_and_clip_study_was_measured(results):
     for name in ("zoom-in-rank2", "zoom-in-clips10"):
         assert ev.lora_rank(builtin.motion_lora(name)) == rows[name]["rank"]
         assert rows[name]["status"] == "ok" and rows[name]["effect"] is not None
-
-
-def test_default_command_writes_an_animation(tmp_path):
-    """The README's first command, on the built-in model (no model flags)."""
-    out = tmp_path / "circle.gif"
-    subprocess.run(
-        [sys.executable, "-m", "animatediff.cli.main", "generate"]
-        + ["a red circle moving on a blue background", "--seed", "0", "-o", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    from animatediff.video import read_video
-
-    video = read_video(out)
-    assert video.shape[1] == 16 and torch.isfinite(video).all()
-
-
-def test_cli_picks_builtin_styles_and_motion_loras_by_name(tmp_path):
-    out = tmp_path / "styled.gif"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "animatediff.cli.main",
-            "generate",
-            "a red circle on a blue background",
-        ]
-        + ["--personal", "stripes", "--motion-lora", "zoom-in:0.8", "--frames", "4", "--steps", "2"]
-        + ["--seed", "0", "-o", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    info = json.loads((tmp_path / "styled.gif.json").read_text())
-    assert info["models"]["personal"].endswith("stripes.safetensors")
-    assert info["motion_loras"] == {"zoom-in": 0.8}
-    bad = subprocess.run(
-        [sys.executable, "-m", "animatediff.cli.main", "generate", "a cat", "--personal", "nope"],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "nope" in bad.stderr
 
 
 @pytest.mark.parametrize(("first", "last", "seed"), [("black", "green", 0), ("blue", "black", 1)])

@@ -23,6 +23,7 @@ import safetensors.torch
 import torch
 from clirun import Run, assert_ok, assert_usage_error, cli, cli_environment
 
+from animatediff import builtin
 from animatediff.video import read_video, video_info
 
 REF = Path(__file__).parent / "data" / "official_tiny"
@@ -97,6 +98,27 @@ def test_same_seed_same_frames(builtin_gif) -> None:
     assert_ok(run)
     assert torch.equal(read_video(run.cwd / "first" / "out.gif"), read_video(run.cwd / "out.gif"))
     assert settings_of(run.cwd / "out.gif")["sampling"]["seed"] == 3
+
+
+def test_builtin_styles_and_motion_loras_by_name(tmp_path) -> None:
+    """`animatediff models` lists the shipped extras, and generate takes them by name."""
+    if not builtin.manifest()["personal"]:
+        pytest.skip("the built-in models are not installed in this tree")
+    listing = cli(tmp_path, "models")
+    assert_ok(listing)
+    names = builtin.manifest()
+    for name in [*names["personal"], *names["motion_loras"]]:
+        assert name in listing.stdout, listing
+    run = cli(
+        tmp_path, "generate", "a red circle on a blue background",
+        "--personal", "stripes", "--motion-lora", "zoom-in:0.8", "--frames", "4", "--steps", "2",
+        "--seed", "0", "-o", "styled.gif",
+    )  # fmt: skip
+    assert_ok(run)
+    settings = settings_of(tmp_path / "styled.gif")
+    assert settings["models"]["personal"].endswith("stripes.safetensors")
+    assert settings["motion_loras"] == {"zoom-in": 0.8}
+    assert_usage_error(cli(tmp_path, "generate", "a cat", "--personal", "nope"), "nope")
 
 
 # -- generate with the reference models ----------------------------------------------------------

@@ -90,7 +90,9 @@ def test_rgb_condition_is_the_vae_posterior_mean(sparse_pipes, expected):
         sample_posterior=True,
         generator=torch.Generator().manual_seed(0),
     )
-    assert not torch.equal(sampled.condition, cond.condition)
+    # a sample of the posterior, not its mean: the keyframe's latents move, the rest stay zero
+    assert (sampled.condition[:, :, index] - cond.condition[:, :, index]).abs().max() > 1e-3
+    assert sampled.condition[:, :, 1:].abs().max() == 0
 
 
 @pytest.mark.parametrize("kind", ["rgb", "scribble"])

@@ -1,5 +1,5 @@
 """Long videos through the pipeline: context windows, views, prompt travel, FreeNoise, FreeInit,
-motion scale (on the built-in tiny model)."""
+motion scale (on the built-in model)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,8 @@ FAST = dict(num_inference_steps=2, progress=False, seed=1)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ANIMATEDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield AnimationPipeline.load()
-    mp.undo()
+def pipe():
+    return AnimationPipeline.load()
 
 
 def frames_seen(pipe, **kwargs) -> list[int]:
@@ -57,7 +54,7 @@ def test_views_run_image_layers_on_all_frames(pipe):
     assert seen == [24, 24]
     views = pipe("a red circle", num_frames=24, context_views=True, **FAST).frames
     windows = pipe("a red circle", num_frames=24, **FAST).frames
-    assert views.shape == windows.shape and not torch.equal(views, windows)
+    assert views.shape == windows.shape and (views - windows).abs().max() > 1e-3
 
 
 def test_prompt_travel_embeddings(pipe):
@@ -80,15 +77,14 @@ def test_prompt_travel_embeddings(pipe):
 def test_freenoise_and_freeinit_off_is_plain_on_changes(pipe):
     plain = pipe("a red circle", num_frames=24, **FAST).frames
     assert torch.equal(pipe("a red circle", num_frames=24, freenoise=False, **FAST).frames, plain)
-    assert not torch.equal(
-        pipe("a red circle", num_frames=24, freenoise=True, **FAST).frames, plain
-    )
+    freenoise = pipe("a red circle", num_frames=24, freenoise=True, **FAST).frames
+    assert (freenoise - plain).abs().max() > 1e-2
     short = pipe("a red circle", num_frames=8, **FAST).frames
     assert torch.equal(
         pipe("a red circle", num_frames=8, freeinit_iterations=0, **FAST).frames, short
     )
     again = pipe("a red circle", num_frames=8, freeinit_iterations=1, **FAST).frames
-    assert not torch.equal(again, short)
+    assert (again - short).abs().max() > 1e-2
     assert torch.equal(
         pipe("a red circle", num_frames=8, freeinit_iterations=1, **FAST).frames, again
     )
@@ -99,7 +95,7 @@ def test_motion_scale(pipe):
     per_frame_ones = pipe("a red circle", num_frames=8, motion_scale=[1.0] * 8, **FAST).frames
     assert torch.equal(base, per_frame_ones)
     off = pipe("a red circle", num_frames=8, motion_scale=0.0, **FAST).frames
-    assert not torch.equal(off, base)
+    assert (off - base).abs().max() > 1e-2
     # Scale 0 removes the motion modules' effect: the same as the image model frame by frame.
     pipe.unet.motion.requires_grad_(False)
     saved = {k: v.clone() for k, v in pipe.unet.motion.state_dict().items()}
@@ -150,13 +146,8 @@ def _peak(frames: int, context: str, env) -> int:
 @pytest.mark.skipif(
     not os.path.exists("/proc/self/clear_refs"), reason="needs Linux peak-RSS reset"
 )
-def test_peak_memory_is_bounded_by_the_window(tmp_path_factory, pipe):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "ANIMATEDIFF_CACHE": os.environ.get("ANIMATEDIFF_CACHE", ""),
-    }
-    env["ANIMATEDIFF_CACHE"] = str(pipe.sources["base"]).rsplit("/builtin-", 1)[0]
+def test_peak_memory_is_bounded_by_the_window():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sixteen = _peak(16, "16", env)
     windowed = _peak(64, "16", env)
     whole = _peak(64, "none", env)
@@ -176,6 +167,6 @@ def test_motion_scale_is_per_call(pipe):
     before = pipe.unet(x, t, text)
     off = pipe.unet(x, t, text, motion_scale=0.0)
     assert torch.equal(pipe.unet(x, t, text), before)
-    assert not torch.equal(off, before)
+    assert (off - before).abs().max() > 1e-3
     frames = pipe.unet.unet(x.transpose(1, 2).flatten(0, 1), t, text.repeat(6, 1, 1)).sample
     assert torch.allclose(off, frames.view(1, 6, 4, 16, 16).transpose(1, 2), atol=1e-5)

@@ -182,7 +182,7 @@ def test_remove_motion_lora_restores_exact_output(pipe, inputs, ref_dir, baselin
     with_lora = unet_out(pipe, inputs)
     pipe.remove_motion_lora(name)
     assert not pipe.motion_loras
-    assert not torch.equal(with_lora, baseline)
+    assert (with_lora - baseline).abs().max() > 1e-3  # it had an effect to undo
     assert torch.equal(unet_out(pipe, inputs), baseline)
 
 

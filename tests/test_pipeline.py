@@ -1,4 +1,6 @@
-"""Sampling behaviour of AnimationPipeline on the built-in tiny model (64x64, random weights)."""
+"""Sampling behaviour of AnimationPipeline on the built-in model (the shipped trained one, 64x64;
+in a tree without it, the random one built in code). Each sampler's values are checked against
+diffusers' own loop in test_schedulers.py."""
 
 from __future__ import annotations
 
@@ -13,11 +15,8 @@ FAST = dict(num_frames=6, num_inference_steps=2, progress=False)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ANIMATEDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield AnimationPipeline.load()
-    mp.undo()
+def pipe():
+    return AnimationPipeline.load()
 
 
 def test_default_size_and_layout(pipe):
@@ -36,7 +35,7 @@ def test_seed_draws_official_noise_layout(pipe):
     b = pipe(PROMPT, latents=noise, **FAST).frames
     c = pipe(PROMPT, seed=8, **FAST).frames
     assert torch.equal(a, b)
-    assert not torch.allclose(a, c)
+    assert (a - c).abs().mean() > 0.01  # another seed, another video
 
 
 def test_batch_equals_separate_runs(pipe):
@@ -61,14 +60,13 @@ def test_guidance_uses_negative_prompt(pipe):
     b = pipe(PROMPT, negative_prompt="", seed=3, **FAST).frames
     c = pipe(PROMPT, negative_prompt="worst quality", guidance_scale=1.0, seed=3, **FAST).frames
     d = pipe(PROMPT, negative_prompt="", guidance_scale=1.0, seed=3, **FAST).frames
-    assert not torch.allclose(a, b)
+    assert (a - b).abs().mean() > 1e-3  # the negative prompt counts (values: test_schedulers.py)
     assert torch.equal(c, d)  # no guidance: the negative prompt is unused
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_every_scheduler_runs(pipe, name):
-    video = pipe(PROMPT, seed=0, scheduler=name, **FAST)
-    assert torch.isfinite(video.frames).all()
+def test_scheduler_is_recorded(pipe, name):
+    video = pipe(PROMPT, seed=0, scheduler=name, **{**FAST, "num_inference_steps": 1})
     assert video.info["sampling"]["scheduler"] == name
 
 
@@ -106,8 +104,7 @@ def test_bad_sizes_are_rejected(pipe):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype, tmp_path, monkeypatch):
-    monkeypatch.setenv("ANIMATEDIFF_CACHE", str(tmp_path))
+def test_half_precision(dtype):
     pipe = AnimationPipeline.load(dtype=dtype)
     assert pipe.unet.dtype == dtype and pipe.text_encoder.dtype == dtype
     # SD1.5's VAE overflows in fp16, so it stays in fp32 there; bf16 has the range.
@@ -116,7 +113,6 @@ def test_half_precision(dtype, tmp_path, monkeypatch):
     latents = torch.randn((1, 4, 4, 16, 16), generator=torch.Generator().manual_seed(0))
     kw = dict(num_frames=4, num_inference_steps=2, progress=False, latents=latents)
     half, full = pipe(PROMPT, **kw).frames, ref(PROMPT, **kw).frames
-    assert torch.isfinite(half).all()
     assert (half - full).abs().mean() < 0.05
 
 

@@ -237,7 +237,7 @@ def test_clip_skip_2_is_the_penultimate_layer_through_the_final_layer_norm(tok, 
         expected = te.final_layer_norm(hidden[-2])
     out = encode_prompts(tok, te, prompts, clip_skip=2)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    assert not torch.allclose(out, encode_prompts(tok, te, prompts, clip_skip=1))
+    assert (out - encode_prompts(tok, te, prompts, clip_skip=1)).abs().max() > 1e-2
     for bad in (0, 3, True, 1.0):
         with pytest.raises(ValueError, match="clip_skip"):
             encode_prompts(tok, te, prompts, clip_skip=bad)
