@@ -76,6 +76,7 @@ def test_every_builtin_extra_loads_through_the_public_api(results):
         assert (moved - reference).abs().max() > 1e-3, name
 
 
+@pytest.mark.slow  # 4 clips x 2 at the evaluation's settings
 def test_clips_pass_thresholds_from_the_evaluation(pipe, results):
     """Fresh clips (seed 1; the evaluation used seed 0), generated as the evaluation does,
     against what it measured: the motion module keeps frames more consistent than the same
@@ -103,6 +104,7 @@ def test_clips_pass_thresholds_from_the_evaluation(pipe, results):
     assert animated["dynamic_degree"] >= 0.5 * main["dynamic_degree"]
 
 
+@pytest.mark.slow  # 4 clips at the evaluation's settings
 @pytest.mark.parametrize("kind", ["zoom-in", "pan-left"])
 def test_motion_lora_moves_its_way(pipe, results, kind):
     """The MotionLoRA's effect the evaluation measured shows on fresh clips (seeds 1 and 2), same
@@ -159,6 +161,7 @@ def test_motion_module_draws_on_the_other_frames(pipe):
     assert all(abs(r - 1) < 1e-3 for r in ratio[0.0]), ratio
 
 
+@pytest.mark.slow  # clips of two models at the evaluation's settings
 def test_image_layer_baseline_absorbs_the_web_look(pipe, results):
     """The ablation the paper argues against: a motion module trained with the image layers
     fine-tuned too (shipped in `baseline/`) lets the training videos' watermark into the image

@@ -276,6 +276,7 @@ def _statuses(results: dict) -> list[str]:
     return [row["status"] for row in rows]
 
 
+@pytest.mark.slow  # every row of the evaluation, quick settings
 def test_evaluate_quick_runs_end_to_end(tmp_path):
     results = evaluate(**TINY)
     assert list(results) == [

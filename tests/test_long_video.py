@@ -143,6 +143,7 @@ def _peak(frames: int, context: str, env) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
 
 
+@pytest.mark.slow  # three processes
 @pytest.mark.skipif(
     not os.path.exists("/proc/self/clear_refs"), reason="needs Linux peak-RSS reset"
 )

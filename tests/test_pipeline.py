@@ -4,6 +4,8 @@ diffusers' own loop in test_schedulers.py."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -87,13 +89,11 @@ def test_long_prompt_is_encoded_whole_in_chunks(pipe):
     negative prompt padded to the same length, with no warning; its end changes the video."""
     long_prompt = " ".join(["red circle"] * 60)  # 120 words: 2 chunks
     assert pipe.encode([long_prompt, ""]).shape[1] == 2 * 77
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run = dict(seed=0, num_frames=2, num_inference_steps=1, progress=False)
         video = pipe(long_prompt + ", blue square", **run).frames
-    assert not torch.equal(video, pipe(long_prompt + ", green star", **run).frames)
+    assert (video - pipe(long_prompt + ", green star", **run).frames).abs().max() > 1e-3
 
 
 def test_bad_sizes_are_rejected(pipe):
