@@ -672,6 +672,7 @@ def test_validation_gifs_tensorboard_and_skipped(data: Data, tmp_path: Path):
 
 
 # -- 3. resume == uninterrupted ----------------------------------------------------------------------
+@pytest.mark.slow  # two training processes
 def test_sigint_then_resume_equals_uninterrupted(data: Data, tmp_path: Path):
     from animatediff.training import train
 
@@ -787,6 +788,7 @@ def one_process_run(data: Data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # multi-process training
 def test_two_processes_match_one(data: Data, one_process_run: Path, tmp_path: Path):
     """Two gloo processes with batch 1 each == one process with batch 2.
 
@@ -834,6 +836,7 @@ def test_two_processes_match_one(data: Data, one_process_run: Path, tmp_path: Pa
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow  # multi-process training
 def test_torchrun_on_cpu_is_one_distributed_run(data: Data, tmp_path: Path):
     """`torchrun --nproc_per_node 2` on a machine without a GPU: either one data-parallel run
     (one writer: one metrics line a step) or a clear error, never two independent trainings
@@ -877,6 +880,7 @@ def readme_cpu_launch_command() -> tuple[dict[str, str], list[str]]:
     pytest.fail(f"{readme} documents no command for training with several CPU processes")
 
 
+@pytest.mark.slow  # multi-process training
 def test_readme_cpu_launch_command_runs_two_processes(
     data: Data, one_process_run: Path, tmp_path: Path
 ):
@@ -1058,6 +1062,7 @@ def test_bad_configs_fail_before_training_with_one_line(data: Data, tmp_path: Pa
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # a real process
 def test_cli_malformed_yaml_exits_2_with_one_line(tmp_path: Path):
     """A real `animatediff train` process (the other bad configs go through `main()` above)."""
     bad_yaml = tmp_path / "bad.yaml"
