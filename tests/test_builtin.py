@@ -127,6 +127,7 @@ def test_motion_lora_moves_its_way(pipe, results, kind):
     assert ev.camera_effect(kind, measured[1.0], measured[0.0]), measured
 
 
+@pytest.mark.slow  # what the shipped weights learnt: clips at the evaluation's settings
 def test_pan_left_motion_lora_learnt_its_direction(pipe):
     """On fresh rendered pan-left clips, the MotionLoRA predicts the noise better on the clip as
     made than played backwards (at low and middle noise), and by far more than strength 0 does."""
@@ -146,6 +147,7 @@ def test_pan_left_motion_lora_learnt_its_direction(pipe):
     assert all(on - 1 > 3 * abs(off - 1) for on, off in zip(ratio[1.0], ratio[0.0])), ratio
 
 
+@pytest.mark.slow  # what the shipped weights learnt: clips at the evaluation's settings
 def test_motion_module_draws_on_the_other_frames(pipe):
     """Mixing frames across clips costs the built-in motion module a higher denoising loss at low
     and middle noise; with the module switched off, frames are denoised alone and the loss is
@@ -197,6 +199,7 @@ def test_motion_lora_rank_and_clip_study_was_measured(results):
         assert rows[name]["status"] == "ok" and rows[name]["effect"] is not None
 
 
+@pytest.mark.slow  # what the shipped weights learnt: clips at the evaluation's settings
 @pytest.mark.parametrize(("first", "last", "seed"), [("black", "green", 0), ("blue", "black", 1)])
 def test_prompt_travel_frames_follow_their_key(pipe, results, first, last, seed):
     """Prompt travel on the built-in model: frames near each key show that key's background

@@ -75,6 +75,7 @@ def test_generate_builtin_gif(builtin_gif) -> None:
     frames = read_video(first / "out.gif")
     assert frames.shape == (3, 8, 64, 64)
     assert frames.std() > 0.01  # not a blank picture
+    assert (frames[:, 0] - frames[:, -1]).abs().max() > 0.1  # it moves (more: test_default_output)
     settings = settings_of(first / "out.gif")
     assert settings["sampling"]["seed"] == 3 and settings["seeds"] == [3]
     assert settings["prompt"] == PROMPT

@@ -74,6 +74,7 @@ def test_prompt_travel_embeddings(pipe):
     assert video.frames.shape[2] == 12
 
 
+@pytest.mark.slow  # seven generations, three of 24 frames, two with a FreeInit pass
 def test_freenoise_and_freeinit_off_is_plain_on_changes(pipe):
     plain = pipe("a red circle", num_frames=24, **FAST).frames
     assert torch.equal(pipe("a red circle", num_frames=24, freenoise=False, **FAST).frames, plain)

@@ -480,6 +480,7 @@ def stage_run(data: Data, tmp_path_factory) -> Callable[[str], dict]:
     return run
 
 
+@pytest.mark.slow  # trains in a forked child
 @pytest.mark.parametrize("stage", ["adapter", "motion", "motion_lora", "image_finetune"])
 def test_stage_learns_and_only_trains_its_part(stage_run, stage: str):
     run = stage_run(stage)
@@ -557,6 +558,7 @@ def _generate(pipe, seed: int = 0) -> torch.Tensor:
     return video.frames
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_motion_stage_outputs_load(stage_run):
     from animatediff.checkpoints.motion import load_motion_module
     from animatediff.pipeline import AnimationPipeline
@@ -575,6 +577,7 @@ def test_motion_stage_outputs_load(stage_run):
     assert torch.isfinite(frames).all()
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_motion_lora_output_changes_the_video(data: Data, stage_run):
     from animatediff.pipeline import AnimationPipeline
 
@@ -602,6 +605,7 @@ def test_motion_lora_output_changes_the_video(data: Data, stage_run):
     )
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_adapter_output_loads(stage_run):
     from animatediff.pipeline import AnimationPipeline
 
@@ -622,6 +626,7 @@ def test_adapter_output_loads(stage_run):
     assert (adapted - plain).abs().max() > 1e-3, "the trained adapter does not change the video"
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_image_finetune_output_loads(stage_run):
     from diffusers import UNet2DConditionModel
 
@@ -630,6 +635,7 @@ def test_image_finetune_output_loads(stage_run):
     assert sum(p.numel() for p in unet.parameters()) > 0
 
 
+@pytest.mark.slow  # trains in a forked child
 @pytest.mark.parametrize("stage", ["adapter", "motion"])
 def test_metrics_and_loss_plot(stage_run, stage: str):
     run = stage_run(stage)
@@ -645,6 +651,7 @@ def test_metrics_and_loss_plot(stage_run, stage: str):
     assert config_json["stage"] == stage
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_validation_gifs_tensorboard_and_skipped(data: Data, tmp_path: Path):
     """A motion run on 1 good + 1 corrupt + 1 too-short clip, validating every step and
     logging to TensorBoard: GIFs appear, the bad clips are skipped and counted."""
