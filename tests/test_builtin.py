@@ -54,6 +54,7 @@ def test_builtin_models_are_trained_small_and_named():
     assert {"zoom-in", "pan-left"} <= set(names["motion_loras"])
 
 
+@pytest.mark.slow  # loads and runs every shipped extra
 def test_every_builtin_extra_loads_through_the_public_api(results):
     """Personal checkpoints (single-file LDM), the kohya LoRA, the adapter and MotionLoRAs go
     through the same loaders as users' files, and change the result."""
