@@ -27,7 +27,7 @@ CONTROL = "a red circle moving on a green background"  # the same but for the ba
 STEPS = 8  # at 4 steps the background colour was right on 7 seeds of 10, at 8 on 8 of 10
 SEED, VIDEOS = 0, 3  # video i of a batch is drawn from seed + i, as a run with that seed alone
 
-# Measured with STEPS=8, seeds 0-9, one clip each (2025, the model shipped with this test):
+# Measured with STEPS=8, seeds 0-9, one clip each, on the model shipped with this test:
 #   blue's share of the pixels          0.42-0.68 per clip, over 0.50 for every 3 seeds together
 #   frames with a mostly blue border    6-15 of 16 per clip, over 0.58 for every 3 seeds
 #   frames holding a red object         0.25-0.81 per clip
