@@ -31,6 +31,7 @@ MAX_SIZE = 4096  # pixels per side
 MAX_FRAMES = 4096
 MAX_STEPS = 1000
 MAX_VIDEOS = 64
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
 class OptionError(UserError):
@@ -231,6 +232,11 @@ class ModelOptions(_Checked):
         choices=("fp32", "fp16", "bf16"),
     )  # fmt: skip
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps", kind=str)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not DEVICE.fullmatch(self.device):
+            raise _bad("device", self.device, "not a device (auto, cpu, cuda, cuda:N, mps)")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,11 @@ def convert(args: argparse.Namespace) -> None:
         ckpt = read_motion_checkpoint(args.input, args.motion_version)
         out = save_motion_module(ckpt, args.output, layout=layout, overwrite=args.overwrite)
     elif kind == "single-file SD checkpoint":
+        if layout == "original":
+            raise UsageError(
+                f"{args.input} is a single-file checkpoint already; it converts to a diffusers "
+                f"folder: give a folder name instead of {args.output}"
+            )
         if not args.base:
             raise UsageError(
                 "converting a single-file checkpoint needs --base (an SD1.5 folder or hub id) for configs"

@@ -21,6 +21,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..options import OWNER, ModelOptions, OptionError, Options
+from ..provenance import SettingsReadError, read_settings
 
 # Official keys with a direct equivalent among the options.
 OFFICIAL_OPTIONS = {
@@ -75,6 +76,7 @@ class Run:
     prompt: str | dict  # a dict is a prompt map (prompt travel)
     negative_prompt: str | dict = ""
     settings: dict[str, Any] = field(default_factory=dict)  # flat option names -> values
+    recorded: dict[str, str] = field(default_factory=dict)  # --from: file -> sha256 it had
 
     def options(self, overrides: dict[str, Any] | None = None) -> Options:
         return Options.build({**self.settings, **(overrides or {})})
@@ -107,7 +109,7 @@ def load_runs(path: str | Path) -> list[Run]:
             raise ConfigError(f"{where} is not a mapping")
         try:
             runs += _entry_runs(name, entry, path.parent)
-        except OptionError as e:
+        except (OptionError, ConfigError) as e:
             raise ConfigError(f"{where}: {e}") from None
     return runs
 
@@ -135,15 +137,17 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
     negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
     if len(negatives) != len(prompts):
         raise ConfigError(f"{len(negatives)} n_prompt for {len(prompts)} prompts")
-    seeds = _as_list(e.get("seed", -1))
+    seeds = _seeds(e.get("seed", -1))
     runs = []
     for module in _as_list(e["motion_module"]):
         models = _models(e, module, root)
         for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
-            if not isinstance(prompt, str | dict) or not isinstance(negative, str):
+            if not isinstance(prompt, str | dict):
                 raise ConfigError(f"prompt {i}: expected text, got {prompt!r}")
+            if not isinstance(negative, str | dict):
+                raise ConfigError(f"n_prompt {i}: expected text, got {negative!r}")
             seed = seeds[i % len(seeds)]
-            extra = {} if seed in (-1, None) else {"seed": seed}
+            extra = {} if seed is None else {"seed": seed}
             runs.append(Run(f"{name}-{i}", models, prompt, negative, {**settings, **extra}))
     return runs
 
@@ -178,6 +182,15 @@ def _controlnet_entries(e: dict) -> dict:
     for key, default in (("scale", 1.0), ("start", 0.0), ("end", 1.0)):
         e[f"controlnet_{key}"] = [c.get(key, default) for c in nets]
     return e
+
+
+def _seeds(value: Any) -> list[int | None]:
+    """`seed`: a number or a list of them, paired with the prompts in turn; -1: random."""
+    seeds = _as_list(value)
+    if not seeds:
+        raise ConfigError("seed: an empty list (give a number, a list of numbers, or -1)")
+    # each checked as the option (an OptionError names the value)
+    return [None if s in (-1, None) else Options.build({"seed": s}).sampling.seed for s in seeds]
 
 
 def _settings(e: dict, root: Path) -> dict[str, Any]:
@@ -232,10 +245,14 @@ def version_from_inference_config(value: str | None, root: Path) -> str | None:
 
 
 def run_from_settings(path: str | Path) -> Run:
-    """The run a settings JSON (written beside an output) describes: `--from` replays it."""
+    """The run a settings JSON (written beside an output), or a video holding its settings,
+    describes: `--from` replays it."""
     path = Path(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict) or "prompt" not in data or "sampling" not in data:
+    try:
+        data = read_settings(path)
+    except SettingsReadError as e:
+        raise ConfigError(str(e)) from None
+    if "prompt" not in data or "sampling" not in data:
         raise ConfigError(f"{path}: not a settings file written by animatediff generate")
     try:
         options = Options.from_json({g: data[g] for g in data if g in Options.__dataclass_fields__})
@@ -245,7 +262,9 @@ def run_from_settings(path: str | Path) -> Run:
     settings = {
         k: v for k, v in options.flat().items() if not isinstance(v, str) or not v.startswith("<")
     }
-    return Run(path.stem, models, data["prompt"], data.get("negative_prompt", ""), settings)
+    recorded = data.get("sha256") if isinstance(data.get("sha256"), dict) else {}
+    negative = data.get("negative_prompt", "")
+    return Run(path.stem, models, data["prompt"], negative, settings, recorded)
 
 
 def _path(value: str | None, root: Path) -> str | None:
@@ -268,7 +287,7 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def settings_json(run: Run, info: dict, models: ModelOptions, extra: dict) -> str:
+def settings_json(info: dict, models: ModelOptions, extra: dict) -> str:
     """The settings file's text: the video's info plus models and provenance, strict JSON."""
     return json.dumps(
         {**info, "models": dataclasses.asdict(models), **extra}, indent=2, allow_nan=False
