@@ -47,7 +47,7 @@ def load_base(base: str | Path, dtype: torch.dtype = torch.float32) -> ImageMode
     if Path(base).exists():
         check_base_folder(base)
         for part in ("unet", "vae", "text_encoder"):
-            _check_pickles(Path(base) / part)
+            check_pickled_weights(Path(base) / part)
     elif base.startswith((".", "/")) or base.count("/") != 1:
         raise FileNotFoundError(f"base model not found: {base} (a diffusers folder or a hub id)")
     kw = dict(torch_dtype=dtype)
@@ -69,14 +69,18 @@ def _part(cls, base: str, part: str, **kw):
         raise CheckpointError(where, f"cannot be loaded: {message}") from e
 
 
-def _check_pickles(folder: Path) -> None:
-    """A part whose only weights are pickles (`.bin`): read them with the safe loader first,
-    which refuses code with a clear message (diffusers' loader would refuse it less clearly)."""
+def check_pickled_weights(folder: str | Path) -> None:
+    """A model folder whose only weights are pickles (`.bin`, `.pt`): read them with the safe
+    loader first, which refuses code with a clear message (diffusers' and transformers'
+    loaders refuse it too, with a message that names neither the file nor the reason)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
     files = list(folder.iterdir())
     if any(f.suffix == ".safetensors" for f in files):
         return
     for file in files:
-        if file.suffix == ".bin":
+        if file.suffix in (".bin", ".pt", ".pth", ".ckpt"):
             load_state_dict(file)
 
 

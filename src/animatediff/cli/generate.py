@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..options import GROUPS, ModelOptions, OptionError, path_strength
 from ..options import OUTPUT_SUFFIXES as SUPPORTED_SUFFIXES
 from . import estimate
-from .config import ConfigError, Run, load_runs, read_yaml, run_from_settings
+from .config import PATH_OPTIONS, ConfigError, Run, load_runs, read_yaml, run_from_settings
 from .flags import UsageError, add_flags, as_usage_error, flag_of, given
 from .outputs import (
     CONFIG_COPY,
@@ -101,7 +101,18 @@ def runs_from_args(args: argparse.Namespace) -> list[Run]:
         raise UsageError(str(e)) from None
     for run in runs:
         check_texts(run)
+        check_inputs(run)
     return [_builtin_names(run) for run in runs]
+
+
+def check_inputs(run: Run) -> None:
+    """Images and videos named by path (init, control, reference) must exist."""
+    options = run.options().flat()
+    for name in PATH_OPTIONS:
+        values = options[name]
+        for value in values if isinstance(values, list | tuple) else [values]:
+            if isinstance(value, str) and not Path(value).exists():
+                raise UsageError(f"{flag_of(name, OPTION_CLASSES)} {value}: not found")
 
 
 def _override(run: Run, models: dict, settings: dict) -> Run:
@@ -391,10 +402,10 @@ def prepare(args: argparse.Namespace) -> Job:
     _check_folders(slots)
     config = Path(args.config) if args.config else None
     job = Job(runs, slots, [], args.overwrite, config)
-    if config:
-        _extras_free(job.folder, args)
     try:
         job.make = slots_free(slots, args, job.reservations)
+        if config:
+            _extras_free(job.folder, args)
         for run, make in zip(runs, job.make):
             if make:
                 where = f"{config}: entry {run.name}" if config else ""

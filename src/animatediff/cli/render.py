@@ -19,6 +19,7 @@ import transformers
 
 from .. import __version__
 from ..builtin.model import resolve as resolve_builtin
+from ..checkpoints.base import check_pickled_weights
 from ..checkpoints.hashes import sha256
 from ..checkpoints.motion import build_motion_module, read_motion_checkpoint
 from ..options import ModelOptions
@@ -86,6 +87,9 @@ def load(models: ModelOptions, device_name: str) -> AnimationPipeline:
     kwargs = {f.name: getattr(models, f.name) for f in dataclasses.fields(models)}
     kwargs.update(device=device_name, dtype=dtype(models.dtype, device_name))
     kwargs["controlnets"] = list(models.controlnets) or None
+    for folder in (*models.controlnets, models.image_encoder):
+        if folder is not None:
+            check_pickled_weights(folder)
     release = None
     if models.adapter is not None and models.motion_module is not None:
         # read the module first: the adapter's check needs its version, before the base loads
