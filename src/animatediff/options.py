@@ -51,7 +51,8 @@ class OptionError(UserError):
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
     """A field with CLI metadata: `flag`, `choices`, `minimum`, `maximum`, `multiple` (of),
-    `nargs`, `action`, `kind` (the value type the CLI parses), `cli=False` (no flag)."""
+    `nargs`, `action`, `kind` (the value type the CLI parses), `cli=False` (no flag),
+    `nullable` (None is a value, though the default is not)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -86,6 +87,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
     """Coerce and check one value against its field's metadata; returns the value to store."""
     meta, name = f.metadata, f.name
     kind = meta.get("kind")
+    if value is None and f.default is not None and not meta.get("nullable"):
+        raise _bad(name, value, f"needs a value (default: {f.default})")
     if value is None or kind is None:
         return value
     if kind == "pair":
@@ -294,7 +297,7 @@ class ContextOptions(_Checked):
 
     context_length: int | None = opt(
         16, "frames per window (0 or none: all frames at once)", kind=int, minimum=1,
-        maximum=MAX_FRAMES,
+        maximum=MAX_FRAMES, nullable=True,
     )  # fmt: skip
     context_overlap: int = opt(4, "frames shared by neighbouring windows", kind=int, minimum=0)
     context_stride: int = opt(

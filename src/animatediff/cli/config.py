@@ -133,13 +133,19 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
     settings = _settings(e, root)
     Options.build(settings)  # checked now, before any model loads
     prompts = [e["prompt_map"]] if "prompt_map" in e else _as_list(e["prompt"])
+    modules = _as_list(e["motion_module"])
+    if not prompts or not modules:
+        raise ConfigError(f"{'prompt' if not prompts else 'motion_module'}: an empty list")
+    for module in modules:
+        if not isinstance(module, str) or not module:
+            raise ConfigError(f"motion_module: expected a path, got {module!r}")
     negatives = _as_list(e.get("n_prompt") or [""])
     negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
     if len(negatives) != len(prompts):
         raise ConfigError(f"{len(negatives)} n_prompt for {len(prompts)} prompts")
     seeds = _seeds(e.get("seed", -1))
     runs = []
-    for module in _as_list(e["motion_module"]):
+    for module in modules:
         models = _models(e, module, root)
         for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
             if not isinstance(prompt, str | dict):

@@ -89,11 +89,14 @@ def runs_from_args(args: argparse.Namespace) -> list[Run]:
     settings = {k: v for cls in GROUPS.values() for k, v in overrides[cls].items()}
     models = overrides[ModelOptions]
     try:
-        if args.config or args.replay:
-            runs = load_runs(args.config) if args.config else [run_from_settings(args.replay)]
-            _say_overrides(args, {**settings, **models})
+        if args.config is not None:
+            runs = load_runs(args.config)
+        elif args.replay is not None:
+            runs = [run_from_settings(args.replay)]
         else:
             runs = [Run("cli", ModelOptions(), _prompt(args), args.negative_prompt)]
+        if args.config is not None or args.replay is not None:
+            _say_overrides(args, {**settings, **models})
         runs = [_seeded(_override(run, models, settings)) for run in runs]
     except OptionError as e:
         raise as_usage_error(e, OPTION_CLASSES) from None
@@ -110,9 +113,14 @@ def check_inputs(run: Run) -> None:
     options = run.options().flat()
     for name in PATH_OPTIONS:
         values = options[name]
+        flag = flag_of(name, OPTION_CLASSES)
         for value in values if isinstance(values, list | tuple) else [values]:
-            if isinstance(value, str) and not Path(value).exists():
-                raise UsageError(f"{flag_of(name, OPTION_CLASSES)} {value}: not found")
+            if value is None:
+                continue
+            if not isinstance(value, str):  # from a config or settings file
+                raise UsageError(f"{flag}: expected a file path, got {value!r}")
+            if not Path(value).exists():
+                raise UsageError(f"{flag} {value}: not found")
 
 
 def _override(run: Run, models: dict, settings: dict) -> Run:
@@ -147,7 +155,7 @@ def _say_overrides(args, given_values: dict) -> None:
 
 
 def _prompt(args) -> str | dict:
-    if args.prompt_map:
+    if args.prompt_map is not None:
         data = read_yaml(Path(args.prompt_map))  # JSON is YAML too
         if not isinstance(data, dict) or not data:
             raise UsageError(
@@ -291,16 +299,20 @@ def _resolve(spec: str, kind: str, flag: str, offline: bool | None, official: bo
 def outputs_for(args, runs: list[Run]) -> list[list[Slot]]:
     """Where each video of each run goes (one slot per video), suffixes checked."""
     when = stamp()
+    if args.output == "":
+        raise UsageError("-o: an empty path")
     if args.output:
         check_suffix(Path(args.output))
-    if args.config:
+    if args.config is not None:
         folder = Path(args.output or Path("outputs") / f"{Path(args.config).stem}-{when}")
         names = [f"{i:03d}-{slug(_title(r.prompt))}" for i, r in enumerate(runs)]
         return [
             _slots(folder / f"{n}.gif", r, renamable=not args.output) for n, r in zip(names, runs)
         ]
     (run,) = runs
-    name = args.prompt or (_title(run.prompt) if args.replay else Path(args.prompt_map).stem)
+    name = args.prompt or (
+        _title(run.prompt) if args.replay is not None else Path(args.prompt_map).stem
+    )
     sampling = run.options().sampling
     seed, videos = sampling.seed, sampling.num_videos_per_prompt
     defaults = [f"{when}-{slug(name)}-{seed + i}.gif" for i in range(videos)]
@@ -400,7 +412,7 @@ def prepare(args: argparse.Namespace) -> Job:
         check_device(run.models.device)
     slots = outputs_for(args, runs)
     _check_folders(slots)
-    config = Path(args.config) if args.config else None
+    config = Path(args.config) if args.config is not None else None
     job = Job(runs, slots, [], args.overwrite, config)
     try:
         job.make = slots_free(slots, args, job.reservations)

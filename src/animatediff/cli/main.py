@@ -24,7 +24,7 @@ from .. import __version__
 from ..errors import UsageError, UserError
 from ..world.evaluate import add_arguments as evaluate_arguments
 from . import generate, ui
-from .flags import Parser
+from .flags import Parser, printable
 from .outputs import check_writable
 
 EXIT_USAGE = 2
@@ -150,6 +150,9 @@ class _Stderr(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
 
 def _logging(args: argparse.Namespace) -> None:
     level = logging.WARNING - 10 * getattr(args, "verbose", 0) + 10 * getattr(args, "quiet", 0)
@@ -206,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if _is_mistake(e):
-            print(f"animatediff: error: {_message(e)}", file=sys.stderr)
+            print(f"animatediff: error: {printable(_message(e))}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"animatediff: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        message = printable(f"{type(e).__name__}: {e}")
+        print(f"animatediff: unexpected error: {message}", file=sys.stderr)
         print("animatediff: rerun with --debug for the traceback, and report it", file=sys.stderr)
         return EXIT_FAILURE
     return 0

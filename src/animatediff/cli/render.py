@@ -29,7 +29,7 @@ from ..video import Video, read_video, video_grid
 from ..video.files import claim, remove, write_text
 from ..video.write import encoded
 from .config import PATH_OPTIONS, Run, settings_json
-from .flags import UsageError
+from .flags import UsageError, printable
 from .generate import Job
 from .outputs import CONFIG_COPY, GRID_NAME, Slot, settings_path
 
@@ -191,8 +191,8 @@ def save(video: Video, slots: list[Slot], overwrite: bool, r: Run, extra: dict) 
         embedded = settings_json(info, r.models, provenance)
         with encoded(video.frames[i], slot.path, video.fps, metadata=embedded) as tmp:
             path = _claim_first(tmp, slot, overwrite, info, r.models, provenance)
-        print(f"saved {path}")
-        print(f"settings {settings_path(path)}")
+        print(printable(f"saved {path}"))
+        print(printable(f"settings {settings_path(path)}"))
         paths.append(path)
     return paths
 
@@ -239,7 +239,7 @@ def save_extras(job: Job, made: list[list[Path]]) -> None:
         fps = job.runs[0].options().output.fps
         with encoded(video_grid(videos), folder / GRID_NAME, fps) as tmp:
             claim(tmp, folder / GRID_NAME, replace)
-        print(f"saved {folder / GRID_NAME}")
+        print(printable(f"saved {folder / GRID_NAME}"))
     text = job.config.read_text(encoding="utf-8")
     write_text(folder / CONFIG_COPY, text, overwrite=replace)
-    print(f"config {folder / CONFIG_COPY}")
+    print(printable(f"config {folder / CONFIG_COPY}"))
