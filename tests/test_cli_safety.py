@@ -26,7 +26,7 @@ from animatediff.cli import render
 from animatediff.cli.config import Run
 from animatediff.cli.outputs import Slot
 from animatediff.options import ModelOptions
-from animatediff.video import Video, read_settings
+from animatediff.video import Video, read_settings, save_video
 from animatediff.video.files import claim, new_path, staged
 
 REF = Path(__file__).parent / "data" / "official_tiny"
@@ -355,6 +355,26 @@ def test_interrupted_write_leaves_nothing(work: Path) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises long before this ends
     assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_left_by_sigkill_is_removed_by_the_next_write(work: Path) -> None:
+    code = (
+        "import sys, time\n"
+        "from animatediff.video.files import staged\n"
+        "with staged(sys.argv[1]) as tmp:\n"
+        "    tmp.write_text('half a video')\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(work / "x.gif")], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()  # SIGKILL: no time to clean up
+    proc.wait()
+    assert len(list(work.glob(".x.gif.*.tmp"))) == 1
+    save_video(torch.rand(3, 2, 8, 8), work / "x.gif")
+    assert sorted(p.name for p in work.iterdir()) == ["x.gif"]
 
 
 def _process(cwd: Path, *args: object) -> subprocess.Popen:

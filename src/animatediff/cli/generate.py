@@ -9,11 +9,7 @@ import argparse
 import dataclasses
 import functools
 import logging
-import os
-import re
 import secrets
-import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 from .. import builtin
@@ -23,23 +19,12 @@ from ..errors import UserError
 from ..options import GROUPS, ModelOptions, OptionError, path_strength
 from ..options import OUTPUT_SUFFIXES as SUPPORTED_SUFFIXES
 from . import estimate
-from .config import PATH_OPTIONS, ConfigError, Run, load_runs, read_yaml, run_from_settings
+from .checks import OPTION_CLASSES, check_device, check_inputs, check_texts
+from .config import ConfigError, Run, load_runs, read_yaml, run_from_settings
 from .flags import UsageError, add_flags, as_usage_error, flag_of, given
-from .outputs import (
-    CONFIG_COPY,
-    GRID_NAME,
-    Reservations,
-    Slot,
-    check_suffix,
-    check_writable,
-    indexed,
-    slug,
-    stamp,
-    taken,
-)
+from .outputs import Reservations, Slot, check_folders, extras_free, outputs_for, slots_free
 
 log = logging.getLogger("animatediff")
-OPTION_CLASSES = (ModelOptions, *GROUPS.values())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,21 +93,6 @@ def runs_from_args(args: argparse.Namespace) -> list[Run]:
     return [_builtin_names(run) for run in runs]
 
 
-def check_inputs(run: Run) -> None:
-    """Images and videos named by path (init, control, reference) must exist."""
-    options = run.options().flat()
-    for name in PATH_OPTIONS:
-        values = options[name]
-        flag = flag_of(name, OPTION_CLASSES)
-        for value in values if isinstance(values, list | tuple) else [values]:
-            if value is None:
-                continue
-            if not isinstance(value, str):  # from a config or settings file
-                raise UsageError(f"{flag}: expected a file path, got {value!r}")
-            if not Path(value).exists():
-                raise UsageError(f"{flag} {value}: not found")
-
-
 def _override(run: Run, models: dict, settings: dict) -> Run:
     """The run with the command line's values; `--controlnet PATH:SCALE` also sets the scale."""
     merged = {**run.settings, **settings}
@@ -170,61 +140,6 @@ def _prompt(args) -> str | dict:
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     return args.prompt
-
-
-# -- prompts checked as the pipeline will read them ---------------------------------------------
-_INDEX = re.compile(r"-?\d+")
-
-
-def check_texts(run: Run) -> None:
-    """Prompts must be valid text, and a prompt map's keys frames of the video."""
-    options = run.options()
-    p = options.prompting
-    texts = [("the prompt", run.prompt), ("the negative prompt", run.negative_prompt)]
-    texts += [("--prompt-head", p.prompt_head), ("--prompt-tail", p.prompt_tail)]
-    for what, text in texts:
-        for value in text.values() if isinstance(text, Mapping) else [text]:
-            _check_utf8(what, value)
-    frames = options.sampling.num_frames
-    if frames is None and options.init.init_video is None:
-        frames = estimate.DEFAULT_FRAMES
-    for what, text in texts[:2]:
-        if isinstance(text, Mapping):
-            _check_keys(what, text, frames)
-
-
-def _check_utf8(what: str, text: object) -> None:
-    if not isinstance(text, str):
-        raise UsageError(f"{what}: expected text, got {text!r}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        byte = text[e.start].encode("utf-8", "surrogateescape")
-        raise UsageError(
-            f"{what} is not valid UTF-8 text (byte {byte!r} at character {e.start})"
-        ) from None
-
-
-def _check_keys(what: str, prompt_map: Mapping, frames: int | None) -> None:
-    seen: dict[int, object] = {}
-    for key in prompt_map:
-        if isinstance(key, bool) or not (
-            isinstance(key, int) or (isinstance(key, str) and _INDEX.fullmatch(key.strip()))
-        ):
-            raise UsageError(f"{what}: prompt-map key {key!r} is not a frame number")
-        index = int(key)
-        if frames is None:
-            continue
-        if index == -1:
-            index = frames - 1
-        if not 0 <= index < frames:
-            raise UsageError(
-                f"{what}: prompt-map key {key!r} is outside frames 0..{frames - 1} "
-                "(-1: the last frame)"
-            )
-        if index in seen:
-            raise UsageError(f"{what}: prompt-map keys {seen[index]!r} and {key!r} name one frame")
-        seen[index] = key
 
 
 def _builtin_names(run: Run) -> Run:
@@ -296,79 +211,6 @@ def _resolve(spec: str, kind: str, flag: str, offline: bool | None, official: bo
         raise UsageError(f"{flag}: {e}") from None
 
 
-def outputs_for(args, runs: list[Run]) -> list[list[Slot]]:
-    """Where each video of each run goes (one slot per video), suffixes checked."""
-    when = stamp()
-    if args.output == "":
-        raise UsageError("-o: an empty path")
-    if args.output:
-        check_suffix(Path(args.output))
-    if args.config is not None:
-        folder = Path(args.output or Path("outputs") / f"{Path(args.config).stem}-{when}")
-        names = [f"{i:03d}-{slug(_title(r.prompt))}" for i, r in enumerate(runs)]
-        return [
-            _slots(folder / f"{n}.gif", r, renamable=not args.output) for n, r in zip(names, runs)
-        ]
-    (run,) = runs
-    name = args.prompt or (
-        _title(run.prompt) if args.replay is not None else Path(args.prompt_map).stem
-    )
-    sampling = run.options().sampling
-    seed, videos = sampling.seed, sampling.num_videos_per_prompt
-    defaults = [f"{when}-{slug(name)}-{seed + i}.gif" for i in range(videos)]
-    out = Path(args.output) if args.output else None
-    if out is None or out.is_dir():
-        folder = out or Path("outputs")
-        return [[Slot(folder / d, renamable=True) for d in defaults]]
-    return [_slots(out, run, renamable=False)]
-
-
-def _slots(path: Path, run: Run, renamable: bool) -> list[Slot]:
-    videos = run.options().sampling.num_videos_per_prompt
-    paths = [path] if videos == 1 else [indexed(path, i) for i in range(videos)]
-    return [Slot(p, renamable) for p in paths]
-
-
-def _title(prompt: str | dict) -> str:
-    return prompt if isinstance(prompt, str) else str(next(iter(prompt.values()), ""))
-
-
-def slots_free(job_slots: list[list[Slot]], args, reservations: Reservations) -> list[bool]:
-    """Which runs to make: names the user gave must be free (or --overwrite), and are
-    reserved; with --skip-existing a run whose names exist or are reserved is skipped."""
-    make = []
-    for slots in job_slots:
-        fixed = [s.path for s in slots if not s.renamable]
-        busy = [p for p in fixed if taken(p) or reservations.holder(p) is not None]
-        if busy and args.skip_existing:
-            log.info("skipping %s: it exists or is being made", busy[0])
-            make.append(False)
-            continue
-        if busy and not args.overwrite:
-            pid = reservations.holder(busy[0])
-            if pid is not None:
-                raise UsageError(f"{busy[0]} is being made by another animatediff run (pid {pid})")
-            raise UsageError(f"{busy[0]} already exists; pass --overwrite to replace it")
-        for path in fixed:
-            reservations.reserve(path)
-        make.append(True)
-    return make
-
-
-def _check_folders(job_slots: list[list[Slot]]) -> None:
-    for folder in sorted({s.path.parent for slots in job_slots for s in slots}):
-        check_writable(folder)
-
-
-def _extras_free(folder: Path, args) -> None:
-    """A config batch's grid and config copy, in a folder the user named."""
-    if not args.output or args.overwrite or args.skip_existing:
-        return
-    for name in (GRID_NAME, CONFIG_COPY):
-        if (folder / name).exists():
-            raise UsageError(f"{folder / name} already exists; pass --overwrite to replace it")
-
-
 @dataclasses.dataclass
 class Job:
     """Checked runs, where their videos go, and which to make."""
@@ -389,35 +231,19 @@ class Job:
         self.reservations.close()
 
 
-# Present wherever a CUDA (or ROCm, which torch also calls cuda) device can be used on Linux.
-GPU_DRIVER_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
-
-
-def check_device(name: str) -> None:
-    """`--device cuda` where no GPU driver exists at all is said at once; whether torch can
-    use the device is checked once it is imported (`render.device`)."""
-    if not name.startswith("cuda"):
-        return
-    no_driver = sys.platform == "darwin" or (
-        sys.platform == "linux" and not any(os.path.exists(f) for f in GPU_DRIVER_FILES)
-    )
-    if no_driver:
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (no GPU driver)")
-
-
 def prepare(args: argparse.Namespace) -> Job:
     """Every check that needs no model (and no torch); models named by id are fetched."""
     runs = runs_from_args(args)
     for run in runs:
         check_device(run.models.device)
     slots = outputs_for(args, runs)
-    _check_folders(slots)
+    check_folders(slots)
     config = Path(args.config) if args.config is not None else None
     job = Job(runs, slots, [], args.overwrite, config)
     try:
         job.make = slots_free(slots, args, job.reservations)
         if config:
-            _extras_free(job.folder, args)
+            extras_free(job.folder, args)
         for run, make in zip(runs, job.make):
             if make:
                 where = f"{config}: entry {run.name}" if config else ""

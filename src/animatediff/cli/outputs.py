@@ -13,6 +13,7 @@ Nothing here ever replaces a file: `video.files.claim` puts each one in place.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -23,7 +24,9 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..options import OUTPUT_SUFFIXES
+from .config import Run
 
+log = logging.getLogger("animatediff")
 MAX_RENAMES = 1000
 GRID_NAME = "sample.gif"  # as the official script names its grid of a config's videos
 CONFIG_COPY = "config.yaml"
@@ -68,6 +71,80 @@ def indexed(path: Path, i: int) -> Path:
     """Video `i` of several named by one `-o`: `out.gif` -> `out-0.gif`, folder `f` -> `f-0`."""
     stem, suffix = _split(path)
     return path.with_name(f"{stem}-{i}{suffix}")
+
+
+# -- the plan: where each video goes ----------------------------------------------------------------
+def outputs_for(args, runs: list[Run]) -> list[list[Slot]]:
+    """Where each video of each run goes (one slot per video), suffixes checked."""
+    when = stamp()
+    if args.output == "":
+        raise UsageError("-o: an empty path")
+    if args.output:
+        check_suffix(Path(args.output))
+    if args.config is not None:
+        folder = Path(args.output or Path("outputs") / f"{Path(args.config).stem}-{when}")
+        names = [f"{i:03d}-{slug(_title(r.prompt))}" for i, r in enumerate(runs)]
+        return [
+            _slots(folder / f"{n}.gif", r, renamable=not args.output) for n, r in zip(names, runs)
+        ]
+    (run,) = runs
+    name = args.prompt or (
+        _title(run.prompt) if args.replay is not None else Path(args.prompt_map).stem
+    )
+    sampling = run.options().sampling
+    seed, videos = sampling.seed, sampling.num_videos_per_prompt
+    defaults = [f"{when}-{slug(name)}-{seed + i}.gif" for i in range(videos)]
+    out = Path(args.output) if args.output else None
+    if out is None or out.is_dir():
+        folder = out or Path("outputs")
+        return [[Slot(folder / d, renamable=True) for d in defaults]]
+    return [_slots(out, run, renamable=False)]
+
+
+def _slots(path: Path, run: Run, renamable: bool) -> list[Slot]:
+    videos = run.options().sampling.num_videos_per_prompt
+    paths = [path] if videos == 1 else [indexed(path, i) for i in range(videos)]
+    return [Slot(p, renamable) for p in paths]
+
+
+def _title(prompt: str | dict) -> str:
+    return prompt if isinstance(prompt, str) else str(next(iter(prompt.values()), ""))
+
+
+def slots_free(job_slots: list[list[Slot]], args, reservations: Reservations) -> list[bool]:
+    """Which runs to make: names the user gave must be free (or --overwrite), and are
+    reserved; with --skip-existing a run whose names exist or are reserved is skipped."""
+    make = []
+    for slots in job_slots:
+        fixed = [s.path for s in slots if not s.renamable]
+        busy = [p for p in fixed if taken(p) or reservations.holder(p) is not None]
+        if busy and args.skip_existing:
+            log.info("skipping %s: it exists or is being made", busy[0])
+            make.append(False)
+            continue
+        if busy and not args.overwrite:
+            pid = reservations.holder(busy[0])
+            if pid is not None:
+                raise UsageError(f"{busy[0]} is being made by another animatediff run (pid {pid})")
+            raise UsageError(f"{busy[0]} already exists; pass --overwrite to replace it")
+        for path in fixed:
+            reservations.reserve(path)
+        make.append(True)
+    return make
+
+
+def check_folders(job_slots: list[list[Slot]]) -> None:
+    for folder in sorted({s.path.parent for slots in job_slots for s in slots}):
+        check_writable(folder)
+
+
+def extras_free(folder: Path, args) -> None:
+    """A config batch's grid and config copy, in a folder the user named."""
+    if not args.output or args.overwrite or args.skip_existing:
+        return
+    for name in (GRID_NAME, CONFIG_COPY):
+        if (folder / name).exists():
+            raise UsageError(f"{folder / name} already exists; pass --overwrite to replace it")
 
 
 # -- checks before sampling ------------------------------------------------------------------------

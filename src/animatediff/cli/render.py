@@ -90,16 +90,14 @@ def load(models: ModelOptions, device_name: str) -> AnimationPipeline:
     for folder in (*models.controlnets, models.image_encoder):
         if folder is not None:
             check_pickled_weights(folder)
-    release = None
-    if models.adapter is not None and models.motion_module is not None:
-        # read the module first: the adapter's check needs its version, before the base loads
-        ckpt = read_motion_checkpoint(models.motion_module, models.motion_version)
-        _check_adapter(models, ckpt)
-        kwargs["motion_module"], release = build_motion_module(ckpt), ckpt.release
-    pipe = AnimationPipeline.load(**kwargs)
-    if release is not None or models.adapter is not None and models.motion_module is not None:
-        pipe.motion_release = release
-        pipe.sources["motion_module"] = str(models.motion_module)
+    if models.adapter is None or models.motion_module is None:
+        return AnimationPipeline.load(**kwargs)
+    # the adapter goes with v3 modules: read the module first, to check before the base loads
+    ckpt = read_motion_checkpoint(models.motion_module, models.motion_version)
+    _check_adapter(models, ckpt)
+    pipe = AnimationPipeline.load(**{**kwargs, "motion_module": build_motion_module(ckpt)})
+    pipe.motion_release = ckpt.release
+    pipe.sources["motion_module"] = str(models.motion_module)
     return pipe
 
 

@@ -4,12 +4,13 @@ Content is written under a hidden temporary name beside the target, then put in 
 step: with `overwrite`, an atomic rename over whatever is there; without, a *claim* that fails
 if the name exists (a hard link for files, `mkdir` then rename for folders), so two runs that
 pick the same name can never replace each other's result: the second gets FileExistsError.
-A failed or interrupted write removes its temporary (a SIGKILL can leave one behind: hidden,
-named `.NAME.PID.*.tmp`).
+A failed or interrupted write removes its temporary; one left by a process killed with SIGKILL
+(hidden, `.NAME.PID.*.tmp`) is removed by the next write of that name.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import uuid
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["claim", "new_path", "remove", "sibling", "staged", "write_text"]
+__all__ = ["claim", "new_path", "remove", "remove_stale", "sibling", "staged", "write_text"]
 
 
 def sibling(path: Path, tag: str) -> Path:
@@ -31,6 +32,7 @@ def staged(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     :func:`claim`; whatever is left of it is removed on exit, failure or not."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = sibling(path, "tmp")
     if is_dir:
         tmp.mkdir()
@@ -102,6 +104,25 @@ def _replace(tmp: Path, path: Path) -> None:
         os.replace(old, path)
         raise
     remove(old)
+
+
+def remove_stale(path: Path) -> None:
+    """Remove temporaries for `path` left by processes that no longer exist (killed with
+    SIGKILL, the one signal that leaves no time to clean up)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def remove(path: Path) -> None:
