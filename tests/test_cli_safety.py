@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from cli_helpers import assert_error, assert_ok, listing, run_cli, write_evil, write_evil_legacy
+from PIL import Image
 
 from animatediff.cli import main as cli_main
 from animatediff.cli import render
@@ -84,6 +85,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     existing = tmp / "taken.gif"
     existing.write_bytes(b"GIF89a someone else's")
     mm = str(REF / "mm_v1.ckpt")
+    png = tmp / "red.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
     return {
         "guidance inf": (["a cat", "--guidance-scale", "inf"], ("--guidance-scale", "finite")),
         "guidance nan": (["a cat", "--guidance-scale", "nan"], ("--guidance-scale", "finite")),
@@ -154,6 +157,31 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "from a gif": (["--from", str(existing)], ("taken.gif",)),
         "init image": (["a cat", "--init-image", str(tmp / "no.png")], ("--init-image", "no.png")),
         "two sources": (["a cat", "--config", str(cfg / "a.yaml")], ("PROMPT", "--config")),
+        "overwrite and skip": (["a cat", "--overwrite", "--skip-existing"], ("--skip-existing",)),
+        "sparsectrl": (
+            ["a cat", "--control-images", str(png)],
+            ("--control-images", "--sparsectrl"),
+        ),
+        "controlnet": (["a cat", "--controlnet-images", str(png)], ("--controlnet-images",)),
+        "ip-adapter": (["a cat", "--ip-adapter-images", str(png)], ("--ip-adapter",)),
+        "freeinit init": (
+            ["a cat", "--freeinit", "1", "--init-image", str(png)],
+            ("--freeinit", "--init-image"),
+        ),
+        "control frames": (
+            [
+                "a cat",
+                "--sparsectrl",
+                mm,
+                "--control-images",
+                str(png),
+                "--control-frames",
+                "0",
+                "3",
+            ],
+            ("1 --control-images", "2 --control-frames"),
+        ),
+        "image path type": (["--config", str(config(cfg / "l.yaml", init_image=5))], ("5",)),
     }
 
 
@@ -274,6 +302,24 @@ def test_adapter_with_a_v2_module(tmp_path: Path, capsys) -> None:
     )  # fmt: skip
     assert_error(result, "--adapter", "v3", "mm_v2.ckpt is v2")
     assert not (tmp_path / "o.gif").exists()
+
+
+def test_prompt_syntax_and_input_lengths_before_loading(tmp_path: Path, capsys, monkeypatch):
+    """Checked once the heavy half is imported, before the first model loads."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(render, "load", load)
+    short = save_video(torch.rand(3, 2, 8, 8), tmp_path / "short.gif")
+    cases = {
+        ("a (cat:1.2.3)",): ("attention weight", "1.2.3"),
+        ("a cat", "--init-video", short, "--frames", "8"): ("short.gif", "2 frames"),
+    }
+    for args, needles in cases.items():
+        result = run_cli(capsys, "generate", *args, "--steps", "1", "-o", tmp_path / "o.gif")
+        assert_error(result, *needles)
+        assert not (tmp_path / "o.gif").exists()
 
 
 def test_convert_single_file_to_a_file_name(tmp_path: Path, capsys) -> None:

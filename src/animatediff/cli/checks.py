@@ -100,3 +100,46 @@ def check_device(name: str) -> None:
     )
     if no_driver:
         raise UsageError(f"--device {name}: CUDA is not available on this machine (no GPU driver)")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def check_combinations(run: Run) -> None:
+    """Options that need another option, or must agree with it in number."""
+    options, m = run.options(), run.models
+    c = options.control
+    needs = (
+        (c.control_images, m.sparsectrl, "--control-images", "--sparsectrl"),
+        (c.controlnet_images, m.controlnets, "--controlnet-images", "--controlnet"),
+        (c.ip_adapter_images, m.ip_adapter, "--ip-adapter-images", "--ip-adapter"),
+    )
+    for value, needed, flag, other in needs:
+        if value is not None and not needed:
+            raise UsageError(f"{flag} needs {other}")
+    init = options.init.init_image is not None or options.init.init_video is not None
+    if options.noise.freeinit_iterations and init:
+        raise UsageError(
+            "--freeinit re-draws the initial noise: not with --init-image/--init-video"
+        )
+    _check_controlnet_counts(c, len(m.controlnets))
+    images = c.control_images if isinstance(c.control_images, list | tuple) else [c.control_images]
+    if c.control_frames is not None and all(
+        isinstance(i, str) and i.lower().endswith(IMAGE_SUFFIXES) for i in images
+    ):
+        if len(images) != len(c.control_frames):
+            raise UsageError(
+                f"{len(images)} --control-images for {len(c.control_frames)} --control-frames"
+            )
+
+
+def _check_controlnet_counts(c, n: int) -> None:
+    images = c.controlnet_images
+    if images is not None and n > 1 and len(images) != n:
+        raise UsageError(f"{len(images)} --controlnet-images for {n} --controlnet")
+    for name in ("controlnet_scale", "controlnet_start", "controlnet_end"):
+        values = getattr(c, name)
+        count = len(values) if isinstance(values, tuple | list) else 1
+        if n and count not in (1, n):
+            flag = flag_of(name, OPTION_CLASSES)
+            raise UsageError(f"{count} values of {flag} for {n} --controlnet")

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..options import GROUPS, ModelOptions, OptionError, path_strength
 from ..options import OUTPUT_SUFFIXES as SUPPORTED_SUFFIXES
 from . import estimate
-from .checks import OPTION_CLASSES, check_device, check_inputs, check_texts
+from .checks import OPTION_CLASSES, check_combinations, check_device, check_inputs, check_texts
 from .config import ConfigError, Run, load_runs, read_yaml, run_from_settings
 from .flags import UsageError, add_flags, as_usage_error, flag_of, given
 from .outputs import Reservations, Slot, check_folders, extras_free, outputs_for, slots_free
@@ -64,6 +64,8 @@ def runs_from_args(args: argparse.Namespace) -> list[Run]:
         "--config": args.config is not None,
         "--from": args.replay is not None,
     }
+    if args.overwrite and args.skip_existing:
+        raise UsageError("give --overwrite or --skip-existing, not both")
     named = [name for name, present in given_sources.items() if present]
     if len(named) != 1:
         both = f" ({' and '.join(named)} given)" if named else ""
@@ -90,6 +92,7 @@ def runs_from_args(args: argparse.Namespace) -> list[Run]:
     for run in runs:
         check_texts(run)
         check_inputs(run)
+        check_combinations(run)
     return [_builtin_names(run) for run in runs]
 
 

@@ -25,7 +25,8 @@ from ..checkpoints.motion import build_motion_module, read_motion_checkpoint
 from ..options import ModelOptions
 from ..pipeline import AnimationPipeline
 from ..pipeline.prompt import unknown_words
-from ..video import Video, read_video, video_grid
+from ..pipeline.prompt_syntax import parse_prompt_attention
+from ..video import Video, VideoReadError, read_video, video_grid, video_info
 from ..video.files import claim, remove, write_text
 from ..video.write import encoded
 from .config import PATH_OPTIONS, Run, settings_json
@@ -39,6 +40,9 @@ log = logging.getLogger("animatediff")
 
 def execute(job: Job) -> None:
     dev = device(job.runs[0].models.device)
+    for r, make in zip(job.runs, job.make):
+        if make:
+            preflight(r)
     if log.getEffectiveLevel() > logging.INFO:
         transformers.utils.logging.disable_progress_bar()
     pipe, key, made = None, None, []
@@ -56,6 +60,28 @@ def execute(job: Job) -> None:
         made.append(save(video, slots, job.overwrite, r, dict(device=dev, sha256=hashes)))
     if job.config is not None:
         save_extras(job, made)
+
+
+def preflight(r: Run) -> None:
+    """The checks that need the heavy modules but no model: prompt syntax, input lengths."""
+    p = r.options().prompting
+    prompts = r.prompt.values() if isinstance(r.prompt, Mapping) else [r.prompt]
+    negatives = r.negative_prompt.values() if isinstance(r.negative_prompt, Mapping) else []
+    for text in [p.prompt_head, *prompts, p.prompt_tail, *negatives, r.negative_prompt]:
+        if isinstance(text, str):
+            try:
+                parse_prompt_attention(text)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+    options = r.options()
+    init, frames = options.init.init_video, options.sampling.num_frames
+    if isinstance(init, str) and frames is not None:
+        try:
+            have = video_info(init).num_frames
+        except VideoReadError as e:
+            raise UsageError(f"--init-video: {e}") from None
+        if 1 < have < frames:
+            raise UsageError(f"--init-video {init}: {have} frames, fewer than --frames {frames}")
 
 
 def device(name: str) -> str:
