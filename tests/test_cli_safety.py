@@ -322,6 +322,16 @@ def test_prompt_syntax_and_input_lengths_before_loading(tmp_path: Path, capsys, 
         assert not (tmp_path / "o.gif").exists()
 
 
+def test_adapter_with_a_v3_module_runs(tmp_path: Path, capsys) -> None:
+    result = run_cli(
+        capsys, "generate", "a cat", "--base", REF / "base", "--motion-module", REF / "mm_v3.ckpt",
+        "--adapter", REF / "domain_adapter_v3.ckpt", *FAST, "--width", "64", "--height", "64",
+        "-o", tmp_path / "o.gif",
+    )  # fmt: skip
+    assert_ok(result)
+    assert read_settings(tmp_path / "o.gif")["models"]["adapter"][0].endswith("adapter_v3.ckpt")
+
+
 def test_convert_single_file_to_a_file_name(tmp_path: Path, capsys) -> None:
     out = tmp_path / "o.safetensors"
     result = run_cli(

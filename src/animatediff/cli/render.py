@@ -123,7 +123,6 @@ def load(models: ModelOptions, device_name: str) -> AnimationPipeline:
     _check_adapter(models, ckpt)
     pipe = AnimationPipeline.load(**{**kwargs, "motion_module": build_motion_module(ckpt)})
     pipe.motion_release = ckpt.release
-    pipe.sources["motion_module"] = str(models.motion_module)
     return pipe
 
 
