@@ -24,7 +24,7 @@ from cli_helpers import assert_error, assert_ok, run_cli, write_evil
 from diffusers import MotionAdapter
 
 from animatediff.checkpoints.adapters import apply_image_lora, attention_lora_pairs
-from animatediff.checkpoints.base import load_base
+from animatediff.checkpoints.base import load_base, save_base_folder
 from animatediff.checkpoints.io import CheckpointError, load_state_dict
 from animatediff.checkpoints.motion import (
     CONFIG_METADATA_KEY,
@@ -35,6 +35,7 @@ from animatediff.checkpoints.motion import (
     save_motion_module,
     to_diffusers_layout,
 )
+from animatediff.checkpoints.sd_folder import check_base_folder
 from animatediff.lora import LoRAPair
 
 REF = Path(__file__).parent / "data" / "official_tiny"
@@ -204,8 +205,15 @@ def test_base_mistakes(tmp_path: Path) -> None:
         load_base(text)
     no_vocab = _base(tmp_path, "no_vocab")
     (no_vocab / "tokenizer" / "vocab.json").unlink()
-    with pytest.raises(CheckpointError, match="tokenizer: no vocab.json"):
+    with pytest.raises(CheckpointError, match=r"tokenizer: no vocab.json \(nor tokenizer.json\)"):
         load_base(no_vocab)
+
+
+def test_folders_this_package_writes_pass(tmp_path: Path) -> None:
+    """transformers 5 saves a tokenizer as tokenizer.json alone: that is a complete folder."""
+    folder = save_base_folder(tmp_path / "written", load_base(REF / "base"))
+    check_base_folder(folder)
+    assert load_base(folder).unet.config.sample_size == 16
 
 
 def test_base_with_code_in_its_weights(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from animatediff.cli import main as cli_main
 from animatediff.cli import render
+from animatediff.cli import save as saving
 from animatediff.cli.config import Run
 from animatediff.cli.outputs import Slot
 from animatediff.options import ModelOptions
@@ -387,17 +388,17 @@ def test_name_taken_meanwhile(tmp_path: Path) -> None:
     """A default name another run claimed while this one rendered: the next name is taken. A
     name the user gave: one line, and the other run's file is untouched."""
     run = Run("cli", ModelOptions(), "a cat")
-    extra = dict(device="cpu", sha256={})
+    made_by = saving.provenance("cpu", {})
     other = tmp_path / "out.gif"
     other.write_bytes(b"the other run's video")
-    (paths,) = [render.save(_video(1), [Slot(other, True)], False, run, extra)]
+    (paths,) = [saving.save(_video(1), [Slot(other, True)], False, run, made_by)]
     assert paths == [tmp_path / "out-1.gif"]
     assert other.read_bytes() == b"the other run's video"
     assert read_settings(paths[0])["sampling"]["seed"] == 1
     assert read_settings(tmp_path / "out-1.gif.json")["outputs"] == [str(paths[0])]
     before = listing(tmp_path)
-    with pytest.raises(render.UsageError, match="out.gif appeared while rendering"):
-        render.save(_video(2), [Slot(other, False)], False, run, extra)
+    with pytest.raises(saving.UsageError, match="out.gif appeared while rendering"):
+        saving.save(_video(2), [Slot(other, False)], False, run, made_by)
     assert listing(tmp_path) == before
 
 

@@ -69,9 +69,11 @@ def check_base_folder(folder: str | Path) -> None:
         check_config(folder / part / "config.json", config, LIMITS[part])
         if not any(f.suffix in WEIGHTS for f in (folder / part).iterdir()):
             raise CheckpointError(folder / part, "no weights (.safetensors or .bin) in it")
-    for name in TOKENIZER_FILES:
-        if not (folder / "tokenizer" / name).is_file():
-            raise CheckpointError(folder / "tokenizer", f"no {name} in it")
+    tokenizer = folder / "tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():  # else the slow tokenizer's two files
+        for name in TOKENIZER_FILES:
+            if not (tokenizer / name).is_file():
+                raise CheckpointError(tokenizer, f"no {name} (nor tokenizer.json) in it")
 
 
 def read_config(path: Path) -> dict[str, Any]:
