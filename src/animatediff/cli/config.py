@@ -132,6 +132,20 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
     e = _controlnet_entries(_sparsectrl_entries(e))
     settings = _settings(e, root)
     Options.build(settings)  # checked now, before any model loads
+    prompts, negatives, modules = _prompts(e)
+    seeds = _seeds(e.get("seed", -1))
+    runs = []
+    for module in modules:
+        models = _models(e, module, root)
+        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+            seed = seeds[i % len(seeds)]
+            extra = {} if seed is None else {"seed": seed}
+            runs.append(Run(f"{name}-{i}", models, prompt, negative, {**settings, **extra}))
+    return runs
+
+
+def _prompts(e: dict) -> tuple[list, list, list[str]]:
+    """(prompts, one negative prompt each, motion modules), checked."""
     prompts = [e["prompt_map"]] if "prompt_map" in e else _as_list(e["prompt"])
     modules = _as_list(e["motion_module"])
     if not prompts or not modules:
@@ -143,19 +157,12 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
     negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
     if len(negatives) != len(prompts):
         raise ConfigError(f"{len(negatives)} n_prompt for {len(prompts)} prompts")
-    seeds = _seeds(e.get("seed", -1))
-    runs = []
-    for module in modules:
-        models = _models(e, module, root)
-        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
-            if not isinstance(prompt, str | dict):
-                raise ConfigError(f"prompt {i}: expected text, got {prompt!r}")
-            if not isinstance(negative, str | dict):
-                raise ConfigError(f"n_prompt {i}: expected text, got {negative!r}")
-            seed = seeds[i % len(seeds)]
-            extra = {} if seed is None else {"seed": seed}
-            runs.append(Run(f"{name}-{i}", models, prompt, negative, {**settings, **extra}))
-    return runs
+    for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+        if not isinstance(prompt, str | dict):
+            raise ConfigError(f"prompt {i}: expected text, got {prompt!r}")
+        if not isinstance(negative, str | dict):
+            raise ConfigError(f"n_prompt {i}: expected text, got {negative!r}")
+    return prompts, negatives, modules
 
 
 def _sparsectrl_entries(e: dict) -> dict:

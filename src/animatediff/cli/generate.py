@@ -223,6 +223,7 @@ class Job:
     make: list[bool]  # False: skipped (--skip-existing)
     overwrite: bool
     config: Path | None = None  # a --config batch: its grid and a copy go beside the videos
+    resume: bool = False  # --skip-existing: the batch's grid and config copy are refreshed
     reservations: Reservations = dataclasses.field(default_factory=Reservations)
 
     @property
@@ -242,7 +243,7 @@ def prepare(args: argparse.Namespace) -> Job:
     slots = outputs_for(args, runs)
     check_folders(slots)
     config = Path(args.config) if args.config is not None else None
-    job = Job(runs, slots, [], args.overwrite, config)
+    job = Job(runs, slots, [], args.overwrite, config, args.skip_existing)
     try:
         job.make = slots_free(slots, args, job.reservations)
         if config:

@@ -128,7 +128,7 @@ def _claim_first(tmp: Path, slot: Slot, overwrite: bool, info, models, made_by) 
 def save_extras(job: Job, made: list[list[Path]]) -> None:
     """A config batch's `sample.gif` (every video, made now or before) and `config.yaml`."""
     folder = job.folder
-    replace = job.overwrite or not all(job.make)  # a resumed batch refreshes its summary
+    replace = job.overwrite or job.resume  # a resumed batch refreshes its summary
     videos = [read_video(p) for paths in made for p in paths if Path(p).exists()]
     if videos:
         fps = job.runs[0].options().output.fps
