@@ -212,7 +212,7 @@ def _settings(e: dict, root: Path) -> dict[str, Any]:
     settings = {k: v for k, v in settings.items() if k in OWNER and k != "seed"}
     for key in PATH_OPTIONS:
         if key in settings:
-            settings[key] = _paths(settings[key], root)
+            settings[key] = _paths(settings[key], root, key)
     if "context_length" in settings and settings["context_length"] is None:
         settings["context_length"] = 0
     return settings
@@ -220,24 +220,27 @@ def _settings(e: dict, root: Path) -> dict[str, Any]:
 
 def _models(e: dict, motion_module: str, root: Path) -> ModelOptions:
     """The entry's models: official keys, then this project's own model keys."""
-    lora = _path(e.get("lora_model_path"), root)
-    adapter = _path(e.get("adapter_lora_path"), root)
+    lora = _path(e.get("lora_model_path"), root, "lora_model_path")
+    adapter = _path(e.get("adapter_lora_path"), root, "adapter_lora_path")
     scale = e.get("adapter_lora_scale", e.get("domain_lora_scale", 1.0))
     loras = e.get("motion_module_lora_configs") or []
     if not isinstance(loras, list) or not all(isinstance(c, dict) and "path" in c for c in loras):
         raise ConfigError("motion_module_lora_configs: expected a list of {path, alpha}")
     fields = dict(
-        motion_module=_path(motion_module, root),
-        personal=_path(e.get("dreambooth_path"), root),
+        motion_module=_path(motion_module, root, "motion_module"),
+        personal=_path(e.get("dreambooth_path"), root, "dreambooth_path"),
         loras=[(lora, e.get("lora_alpha", 0.8))] if lora else [],
-        motion_loras=[(_path(c["path"], root), c.get("alpha", 1.0)) for c in loras],
+        motion_loras=[
+            (_path(c["path"], root, "motion_module_lora_configs"), c.get("alpha", 1.0))
+            for c in loras
+        ],
         adapter=(adapter, scale) if adapter else None,
         motion_version=version_from_inference_config(e.get("inference_config"), root),
-        sparsectrl=_path(e.get("controlnet_path"), root),
+        sparsectrl=_path(e.get("controlnet_path"), root, "controlnet_path"),
     )
     ours = {k: v for k, v in e.items() if k in MODEL_FIELDS and k != "motion_module"}
     if "controlnets" in ours:
-        ours["controlnets"] = [_path(c, root) for c in ours["controlnets"]]
+        ours["controlnets"] = _paths(ours["controlnets"], root, "controlnets")
     return ModelOptions(**{**fields, **ours})
 
 
@@ -245,7 +248,7 @@ def version_from_inference_config(value: str | None, root: Path) -> str | None:
     """inference-v1.yaml -> "v1" etc.; read the file's UNet settings when it exists."""
     if not value:
         return None
-    path = Path(_path(value, root))
+    path = Path(_path(value, root, "inference_config"))
     if path.is_file():
         kwargs = (read_yaml(path) or {}).get("unet_additional_kwargs", {})
         if kwargs.get("motion_module_mid_block"):
@@ -280,20 +283,24 @@ def run_from_settings(path: str | Path) -> Run:
     return Run(path.stem, models, data["prompt"], negative, settings, recorded)
 
 
-def _path(value: str | None, root: Path) -> str | None:
+def _path(value: str | None, root: Path, key: str) -> str | None:
     """Official configs hold paths relative to the repository they run from (the cwd); fall
     back to the config's own folder."""
-    if not value:
+    if value is None or value == "":
         return None
-    value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
     if Path(value).exists() or Path(value).is_absolute():
         return value
     beside = root / value
     return str(beside) if beside.exists() else value
 
 
-def _paths(value, root: Path):
-    return [_path(v, root) for v in value] if isinstance(value, list) else _path(value, root)
+def _paths(value, root: Path, key: str):
+    """A path, or a list of paths (or of lists of them)."""
+    if isinstance(value, list):
+        return [_paths(v, root, key) for v in value]
+    return _path(value, root, key)
 
 
 def _as_list(value) -> list:

@@ -31,7 +31,14 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_TERMINATED = 128 + signal.SIGTERM
 # Failures of the machine rather than of the program: one line, like a user's mistake.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+}
 log = logging.getLogger("animatediff")
 
 # command -> (module of its heavy half, function), imported after the light checks
