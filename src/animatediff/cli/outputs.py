@@ -195,7 +195,7 @@ class Reservations:
             pid = int(lock.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and process_alive(pid):
             return pid
         lock.unlink(missing_ok=True)  # left by a run that died
         return None
@@ -232,10 +232,18 @@ def _lock_file(path: Path) -> Path:
     return locks_dir() / f"{key}.lock"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on Windows, where signal 0 would end it: assumed so).
+    As `video.files.process_alive`, which this light half cannot import (torch)."""
+    if pid <= 0:  # 0 and negatives name process groups, not a process
+        return False
+    if os.name == "nt":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
+        return False
+    except OverflowError:  # not a pid
         return False
     except PermissionError:  # someone else's process
         return True

@@ -18,7 +18,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["claim", "new_path", "remove", "remove_stale", "sibling", "staged", "write_text"]
+__all__ = [
+    "claim",
+    "new_path",
+    "process_alive",
+    "remove",
+    "remove_stale",
+    "sibling",
+    "staged",
+    "write_text",
+]
 
 
 def sibling(path: Path, tag: str) -> Path:
@@ -111,16 +120,21 @@ def remove_stale(path: Path) -> None:
     SIGKILL, the one signal that leaves no time to clean up)."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 :].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             remove(tmp)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on Windows, where signal 0 would end it: assumed so)."""
+    if pid <= 0:  # 0 and negatives name process groups, not a process
+        return False
+    if os.name == "nt":
+        return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or not a pid
         return False
-    except (PermissionError, OverflowError):
+    except PermissionError:  # someone else's process
         return True
     return True
 
