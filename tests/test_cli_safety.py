@@ -19,11 +19,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import assert_error, assert_ok, listing, run_cli, write_evil, write_evil_legacy
+from cli_helpers import (
+    LIGHT_ONLY,
+    accepted,
+    assert_error,
+    assert_ok,
+    listing,
+    run_cli,
+    write_evil,
+    write_evil_legacy,
+)
 from PIL import Image
 
 from animatediff.cli import main as cli_main
-from animatediff.cli import render
+from animatediff.cli import outputs, render
 from animatediff.cli import save as saving
 from animatediff.cli.config import Run
 from animatediff.cli.outputs import Slot
@@ -400,6 +409,26 @@ def test_name_taken_meanwhile(tmp_path: Path) -> None:
     with pytest.raises(saving.UsageError, match="out.gif appeared while rendering"):
         saving.save(_video(2), [Slot(other, False)], False, run, made_by)
     assert listing(tmp_path) == before
+
+
+def test_names_reserved_while_a_run_makes_them(work: Path, capsys, monkeypatch) -> None:
+    """A name another live run holds stops this one at once; a holder that died does not."""
+    monkeypatch.setitem(cli_main.HEAVY, "generate", LIGHT_ONLY)
+    target = work / "x.gif"
+    lock = outputs._lock_file(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(f"{holder.pid}\n")
+        result = run_cli(capsys, "generate", "a cat", "-o", target)
+        assert_error(result, "x.gif", "another animatediff run", str(holder.pid))
+        assert lock.read_text() == f"{holder.pid}\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_ok(run_cli(capsys, "generate", "a cat", "-o", target))  # the stale lock is taken
+    assert not lock.exists()  # and freed when the run ends
+    accepted.clear()
 
 
 def test_interrupted_write_leaves_nothing(work: Path) -> None:
