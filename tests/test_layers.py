@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "animatediff"
 # Lowest first. A package may import from its own layer or below, never from above.
 LAYERS: list[set[str]] = [
     {"errors", "schedule", "options"},  # plain data and error types, torch-free
-    {"motion", "checkpoints", "video", "vae", "lora"},  # models and files
+    {"motion", "checkpoints", "video", "vae", "lora", "provenance"},  # models and files
     {"builtin"},  # the default model's files
     {"control", "pipeline"},  # sampling
     {"training"},

@@ -28,16 +28,23 @@ class LoRAPair:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    def check_fits(self, weight_shape: torch.Size) -> None:
+        """Raise ValueError unless :meth:`delta` fits a weight of `weight_shape`, from the
+        shapes alone (the product, the costly part, is computed once, when merging)."""
+        (out, rank_up), (rank_down, inner) = self.up.flatten(1).shape, self.down.flatten(1).shape
+        if rank_up != rank_down:
+            raise ValueError(
+                f"up {tuple(self.up.shape)} and down {tuple(self.down.shape)} differ in rank"
+            )
+        if out * inner != torch.Size(weight_shape).numel():
+            raise ValueError(f"LoRA of shape {(out, inner)} does not fit {tuple(weight_shape)}")
+
     def delta(self, weight_shape: torch.Size) -> torch.Tensor:
         """The weight update, shaped like the target weight (Linear or Conv2d)."""
+        self.check_fits(weight_shape)
         up = self.up.flatten(1).float()
         down = self.down.flatten(1).float()
-        delta = (up @ down) * self.scale
-        if delta.numel() != torch.Size(weight_shape).numel():
-            raise ValueError(
-                f"LoRA of shape {tuple(delta.shape)} does not fit {tuple(weight_shape)}"
-            )
-        return delta.reshape(weight_shape)
+        return ((up @ down) * self.scale).reshape(weight_shape)
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

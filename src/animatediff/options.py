@@ -31,6 +31,7 @@ MAX_SIZE = 4096  # pixels per side
 MAX_FRAMES = 4096
 MAX_STEPS = 1000
 MAX_VIDEOS = 64
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
 class OptionError(UserError):
@@ -50,7 +51,8 @@ class OptionError(UserError):
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
     """A field with CLI metadata: `flag`, `choices`, `minimum`, `maximum`, `multiple` (of),
-    `nargs`, `action`, `kind` (the value type the CLI parses), `cli=False` (no flag)."""
+    `nargs`, `action`, `kind` (the value type the CLI parses), `cli=False` (no flag),
+    `nullable` (None is a value, though the default is not)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -85,6 +87,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> Any:
     """Coerce and check one value against its field's metadata; returns the value to store."""
     meta, name = f.metadata, f.name
     kind = meta.get("kind")
+    if value is None and f.default is not None and not meta.get("nullable"):
+        raise _bad(name, value, f"needs a value (default: {f.default})")
     if value is None or kind is None:
         return value
     if kind == "pair":
@@ -232,6 +236,11 @@ class ModelOptions(_Checked):
     )  # fmt: skip
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps", kind=str)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not DEVICE.fullmatch(self.device):
+            raise _bad("device", self.device, "not a device (auto, cpu, cuda, cuda:N, mps)")
+
 
 @dataclass(frozen=True)
 class SamplingOptions(_Checked):
@@ -288,7 +297,7 @@ class ContextOptions(_Checked):
 
     context_length: int | None = opt(
         16, "frames per window (0 or none: all frames at once)", kind=int, minimum=1,
-        maximum=MAX_FRAMES,
+        maximum=MAX_FRAMES, nullable=True,
     )  # fmt: skip
     context_overlap: int = opt(4, "frames shared by neighbouring windows", kind=int, minimum=0)
     context_stride: int = opt(

@@ -17,7 +17,7 @@ from ..checkpoints.motion import read_motion_checkpoint, save_motion_module
 from ..training import load_config, train
 from ..training.encode import encode_dataset
 from ..world import evaluate
-from .flags import UsageError
+from .flags import UsageError, printable
 from .render import device
 
 ORIGINAL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -32,6 +32,11 @@ def convert(args: argparse.Namespace) -> None:
         ckpt = read_motion_checkpoint(args.input, args.motion_version)
         out = save_motion_module(ckpt, args.output, layout=layout, overwrite=args.overwrite)
     elif kind == "single-file SD checkpoint":
+        if layout == "original":
+            raise UsageError(
+                f"{args.input} is a single-file checkpoint already; it converts to a diffusers "
+                f"folder: give a folder name instead of {args.output}"
+            )
         if not args.base:
             raise UsageError(
                 "converting a single-file checkpoint needs --base (an SD1.5 folder or hub id) for configs"
@@ -39,7 +44,7 @@ def convert(args: argparse.Namespace) -> None:
         out = save_diffusers_folder(args.input, args.base, args.output, overwrite=args.overwrite)
     else:
         raise UsageError(f"{args.input}: cannot convert a {kind}")
-    print(f"saved {out}")
+    print(printable(f"saved {out}"))
 
 
 def inspect(args: argparse.Namespace) -> None:
@@ -51,7 +56,7 @@ def inspect(args: argparse.Namespace) -> None:
     for key, value in info.items():
         if key == "parameters":
             value = f"{value:,} ({value / 1e6:.1f} M)"
-        print(f"{key:<{width}}  {value}")
+        print(printable(f"{key:<{width}}  {value}"))
 
 
 def models(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..options import OWNER, ModelOptions, OptionError, Options
+from ..provenance import SettingsReadError, read_settings
 
 # Official keys with a direct equivalent among the options.
 OFFICIAL_OPTIONS = {
@@ -75,6 +76,7 @@ class Run:
     prompt: str | dict  # a dict is a prompt map (prompt travel)
     negative_prompt: str | dict = ""
     settings: dict[str, Any] = field(default_factory=dict)  # flat option names -> values
+    recorded: dict[str, str] = field(default_factory=dict)  # --from: file -> sha256 it had
 
     def options(self, overrides: dict[str, Any] | None = None) -> Options:
         return Options.build({**self.settings, **(overrides or {})})
@@ -107,7 +109,7 @@ def load_runs(path: str | Path) -> list[Run]:
             raise ConfigError(f"{where} is not a mapping")
         try:
             runs += _entry_runs(name, entry, path.parent)
-        except OptionError as e:
+        except (OptionError, ConfigError) as e:
             raise ConfigError(f"{where}: {e}") from None
     return runs
 
@@ -130,22 +132,37 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
     e = _controlnet_entries(_sparsectrl_entries(e))
     settings = _settings(e, root)
     Options.build(settings)  # checked now, before any model loads
+    prompts, negatives, modules = _prompts(e)
+    seeds = _seeds(e.get("seed", -1))
+    runs = []
+    for module in modules:
+        models = _models(e, module, root)
+        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+            seed = seeds[i % len(seeds)]
+            extra = {} if seed is None else {"seed": seed}
+            runs.append(Run(f"{name}-{i}", models, prompt, negative, {**settings, **extra}))
+    return runs
+
+
+def _prompts(e: dict) -> tuple[list, list, list[str]]:
+    """(prompts, one negative prompt each, motion modules), checked."""
     prompts = [e["prompt_map"]] if "prompt_map" in e else _as_list(e["prompt"])
+    modules = _as_list(e["motion_module"])
+    if not prompts or not modules:
+        raise ConfigError(f"{'prompt' if not prompts else 'motion_module'}: an empty list")
+    for module in modules:
+        if not isinstance(module, str) or not module:
+            raise ConfigError(f"motion_module: expected a path, got {module!r}")
     negatives = _as_list(e.get("n_prompt") or [""])
     negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
     if len(negatives) != len(prompts):
         raise ConfigError(f"{len(negatives)} n_prompt for {len(prompts)} prompts")
-    seeds = _as_list(e.get("seed", -1))
-    runs = []
-    for module in _as_list(e["motion_module"]):
-        models = _models(e, module, root)
-        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
-            if not isinstance(prompt, str | dict) or not isinstance(negative, str):
-                raise ConfigError(f"prompt {i}: expected text, got {prompt!r}")
-            seed = seeds[i % len(seeds)]
-            extra = {} if seed in (-1, None) else {"seed": seed}
-            runs.append(Run(f"{name}-{i}", models, prompt, negative, {**settings, **extra}))
-    return runs
+    for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+        if not isinstance(prompt, str | dict):
+            raise ConfigError(f"prompt {i}: expected text, got {prompt!r}")
+        if not isinstance(negative, str | dict):
+            raise ConfigError(f"n_prompt {i}: expected text, got {negative!r}")
+    return prompts, negatives, modules
 
 
 def _sparsectrl_entries(e: dict) -> dict:
@@ -180,13 +197,22 @@ def _controlnet_entries(e: dict) -> dict:
     return e
 
 
+def _seeds(value: Any) -> list[int | None]:
+    """`seed`: a number or a list of them, paired with the prompts in turn; -1: random."""
+    seeds = _as_list(value)
+    if not seeds:
+        raise ConfigError("seed: an empty list (give a number, a list of numbers, or -1)")
+    # each checked as the option (an OptionError names the value)
+    return [None if s in (-1, None) else Options.build({"seed": s}).sampling.seed for s in seeds]
+
+
 def _settings(e: dict, root: Path) -> dict[str, Any]:
     """The entry's generation options by their names (official keys translated)."""
     settings = {OFFICIAL_OPTIONS.get(k, k): v for k, v in e.items()}
     settings = {k: v for k, v in settings.items() if k in OWNER and k != "seed"}
     for key in PATH_OPTIONS:
         if key in settings:
-            settings[key] = _paths(settings[key], root)
+            settings[key] = _paths(settings[key], root, key)
     if "context_length" in settings and settings["context_length"] is None:
         settings["context_length"] = 0
     return settings
@@ -194,24 +220,27 @@ def _settings(e: dict, root: Path) -> dict[str, Any]:
 
 def _models(e: dict, motion_module: str, root: Path) -> ModelOptions:
     """The entry's models: official keys, then this project's own model keys."""
-    lora = _path(e.get("lora_model_path"), root)
-    adapter = _path(e.get("adapter_lora_path"), root)
+    lora = _path(e.get("lora_model_path"), root, "lora_model_path")
+    adapter = _path(e.get("adapter_lora_path"), root, "adapter_lora_path")
     scale = e.get("adapter_lora_scale", e.get("domain_lora_scale", 1.0))
     loras = e.get("motion_module_lora_configs") or []
     if not isinstance(loras, list) or not all(isinstance(c, dict) and "path" in c for c in loras):
         raise ConfigError("motion_module_lora_configs: expected a list of {path, alpha}")
     fields = dict(
-        motion_module=_path(motion_module, root),
-        personal=_path(e.get("dreambooth_path"), root),
+        motion_module=_path(motion_module, root, "motion_module"),
+        personal=_path(e.get("dreambooth_path"), root, "dreambooth_path"),
         loras=[(lora, e.get("lora_alpha", 0.8))] if lora else [],
-        motion_loras=[(_path(c["path"], root), c.get("alpha", 1.0)) for c in loras],
+        motion_loras=[
+            (_path(c["path"], root, "motion_module_lora_configs"), c.get("alpha", 1.0))
+            for c in loras
+        ],
         adapter=(adapter, scale) if adapter else None,
         motion_version=version_from_inference_config(e.get("inference_config"), root),
-        sparsectrl=_path(e.get("controlnet_path"), root),
+        sparsectrl=_path(e.get("controlnet_path"), root, "controlnet_path"),
     )
     ours = {k: v for k, v in e.items() if k in MODEL_FIELDS and k != "motion_module"}
     if "controlnets" in ours:
-        ours["controlnets"] = [_path(c, root) for c in ours["controlnets"]]
+        ours["controlnets"] = _paths(ours["controlnets"], root, "controlnets")
     return ModelOptions(**{**fields, **ours})
 
 
@@ -219,7 +248,7 @@ def version_from_inference_config(value: str | None, root: Path) -> str | None:
     """inference-v1.yaml -> "v1" etc.; read the file's UNet settings when it exists."""
     if not value:
         return None
-    path = Path(_path(value, root))
+    path = Path(_path(value, root, "inference_config"))
     if path.is_file():
         kwargs = (read_yaml(path) or {}).get("unet_additional_kwargs", {})
         if kwargs.get("motion_module_mid_block"):
@@ -232,10 +261,14 @@ def version_from_inference_config(value: str | None, root: Path) -> str | None:
 
 
 def run_from_settings(path: str | Path) -> Run:
-    """The run a settings JSON (written beside an output) describes: `--from` replays it."""
+    """The run a settings JSON (written beside an output), or a video holding its settings,
+    describes: `--from` replays it."""
     path = Path(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict) or "prompt" not in data or "sampling" not in data:
+    try:
+        data = read_settings(path)
+    except SettingsReadError as e:
+        raise ConfigError(str(e)) from None
+    if "prompt" not in data or "sampling" not in data:
         raise ConfigError(f"{path}: not a settings file written by animatediff generate")
     try:
         options = Options.from_json({g: data[g] for g in data if g in Options.__dataclass_fields__})
@@ -245,30 +278,36 @@ def run_from_settings(path: str | Path) -> Run:
     settings = {
         k: v for k, v in options.flat().items() if not isinstance(v, str) or not v.startswith("<")
     }
-    return Run(path.stem, models, data["prompt"], data.get("negative_prompt", ""), settings)
+    recorded = data.get("sha256") if isinstance(data.get("sha256"), dict) else {}
+    negative = data.get("negative_prompt", "")
+    return Run(path.stem, models, data["prompt"], negative, settings, recorded)
 
 
-def _path(value: str | None, root: Path) -> str | None:
+def _path(value: str | None, root: Path, key: str) -> str | None:
     """Official configs hold paths relative to the repository they run from (the cwd); fall
     back to the config's own folder."""
-    if not value:
+    if value is None or value == "":
         return None
-    value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
     if Path(value).exists() or Path(value).is_absolute():
         return value
     beside = root / value
     return str(beside) if beside.exists() else value
 
 
-def _paths(value, root: Path):
-    return [_path(v, root) for v in value] if isinstance(value, list) else _path(value, root)
+def _paths(value, root: Path, key: str):
+    """A path, or a list of paths (or of lists of them)."""
+    if isinstance(value, list):
+        return [_paths(v, root, key) for v in value]
+    return _path(value, root, key)
 
 
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def settings_json(run: Run, info: dict, models: ModelOptions, extra: dict) -> str:
+def settings_json(info: dict, models: ModelOptions, extra: dict) -> str:
     """The settings file's text: the video's info plus models and provenance, strict JSON."""
     return json.dumps(
         {**info, "models": dataclasses.asdict(models), **extra}, indent=2, allow_nan=False

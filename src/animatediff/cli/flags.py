@@ -25,6 +25,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def printable(text: str) -> str:
+    """Text safe to print anywhere: bytes that were not UTF-8 (which Python keeps as lone
+    surrogates in arguments and file names) are shown as `\\xNN` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 

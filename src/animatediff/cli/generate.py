@@ -9,21 +9,22 @@ import argparse
 import dataclasses
 import functools
 import logging
-import re
 import secrets
-import time
 from pathlib import Path
 
 from .. import builtin
 from ..checkpoints import hub
+from ..checkpoints.sd_folder import check_base_folder
 from ..errors import UserError
 from ..options import GROUPS, ModelOptions, OptionError, path_strength
 from ..options import OUTPUT_SUFFIXES as SUPPORTED_SUFFIXES
+from . import estimate
+from .checks import OPTION_CLASSES, check_combinations, check_device, check_inputs, check_texts
 from .config import ConfigError, Run, load_runs, read_yaml, run_from_settings
 from .flags import UsageError, add_flags, as_usage_error, flag_of, given
+from .outputs import Reservations, Slot, check_folders, extras_free, outputs_for, slots_free
 
 log = logging.getLogger("animatediff")
-OPTION_CLASSES = (ModelOptions, *GROUPS.values())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,13 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", "-n", default="", help="what to avoid")
     p.add_argument("--prompt-map", metavar="FILE", help="JSON/YAML {frame: prompt} (prompt travel)")
     p.add_argument("--config", metavar="FILE", help="an official AnimateDiff prompt-config YAML")
-    p.add_argument("--from", dest="replay", metavar="JSON", help="replay a saved settings file")
+    p.add_argument(
+        "--from", dest="replay", metavar="FILE",
+        help="remake a video: its settings JSON, or the video itself (settings are embedded)",
+    )  # fmt: skip
     p.add_argument(
         "-o", "--output",
         help=f"output file ({', '.join(SUPPORTED_SUFFIXES)}, or a folder for PNGs); with "
         "--config, a folder (default: outputs/)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument(
+        "--skip-existing", action="store_true",
+        help="skip runs whose output exists (or another run is making): resumes a --config batch",
+    )  # fmt: skip
     p.add_argument(
         "--offline", action="store_true",
         help="models named by Hub id or alias come from the local cache only (also HF_HUB_OFFLINE=1)",
@@ -50,23 +58,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # -- building runs -------------------------------------------------------------------------------
 def runs_from_args(args: argparse.Namespace) -> list[Run]:
     """The runs to make, with the command line's options applied, all checked."""
-    sources = [x for x in (args.config, args.replay, args.prompt or args.prompt_map) if x]
-    if len(sources) != 1:
-        raise UsageError("give one of: a PROMPT (or --prompt-map FILE), --config FILE, --from JSON")
+    given_sources = {
+        "PROMPT": args.prompt is not None,
+        "--prompt-map": args.prompt_map is not None,
+        "--config": args.config is not None,
+        "--from": args.replay is not None,
+    }
+    if args.overwrite and args.skip_existing:
+        raise UsageError("give --overwrite or --skip-existing, not both")
+    named = [name for name, present in given_sources.items() if present]
+    if len(named) != 1:
+        both = f" ({' and '.join(named)} given)" if named else ""
+        raise UsageError(
+            f"give one of: a PROMPT, --prompt-map FILE, --config FILE, --from FILE{both}"
+        )
     overrides = {cls: given(args, cls) for cls in OPTION_CLASSES}
     settings = {k: v for cls in GROUPS.values() for k, v in overrides[cls].items()}
     models = overrides[ModelOptions]
     try:
-        if args.config or args.replay:
-            runs = load_runs(args.config) if args.config else [run_from_settings(args.replay)]
-            _say_overrides(args, {**settings, **models})
+        if args.config is not None:
+            runs = load_runs(args.config)
+        elif args.replay is not None:
+            runs = [run_from_settings(args.replay)]
         else:
             runs = [Run("cli", ModelOptions(), _prompt(args), args.negative_prompt)]
+        if args.config is not None or args.replay is not None:
+            _say_overrides(args, {**settings, **models})
         runs = [_seeded(_override(run, models, settings)) for run in runs]
     except OptionError as e:
         raise as_usage_error(e, OPTION_CLASSES) from None
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    for run in runs:
+        check_texts(run)
+        check_inputs(run)
+        check_combinations(run)
     return [_builtin_names(run) for run in runs]
 
 
@@ -102,14 +128,17 @@ def _say_overrides(args, given_values: dict) -> None:
 
 
 def _prompt(args) -> str | dict:
-    if args.prompt_map:
+    if args.prompt_map is not None:
         data = read_yaml(Path(args.prompt_map))  # JSON is YAML too
         if not isinstance(data, dict) or not data:
             raise UsageError(
                 f"--prompt-map {args.prompt_map}: expected a mapping {{frame: prompt}}"
             )
-        if not all(isinstance(v, str) for v in data.values()):
-            raise UsageError(f"--prompt-map {args.prompt_map}: every prompt must be text")
+        for key, value in data.items():
+            if not isinstance(value, str):
+                raise UsageError(
+                    f"--prompt-map {args.prompt_map}: the prompt of frame {key!r} is not text"
+                )
         return data
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
@@ -177,57 +206,59 @@ def _resolve(spec: str, kind: str, flag: str, offline: bool | None, official: bo
     try:
         if official and not Path(spec).exists() and Path(spec).name in hub.OFFICIAL_NAMES:
             return str(hub.resolve_official(spec, offline=offline))
-        return str(hub.resolve(spec, kind, offline=offline))
+        path = hub.resolve(spec, kind, offline=offline)
+        if kind == "base":
+            check_base_folder(path)
+        return str(path)
     except UserError as e:
         raise UsageError(f"{flag}: {e}") from None
 
 
-def outputs_for(args, runs: list[Run]) -> list[Path]:
-    """Where each run's video goes (checked: supported suffix, free unless --overwrite)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if args.config:
-        folder = Path(args.output or Path("outputs") / f"{Path(args.config).stem}-{stamp}")
-        paths = [folder / f"{i:03d}-{slug(str(r.prompt))}.gif" for i, r in enumerate(runs)]
-    else:
-        name = args.prompt or Path(args.prompt_map or args.replay).stem
-        seed = runs[0].settings.get("seed", "random")
-        default = Path("outputs") / f"{stamp}-{slug(name)}-{seed}.gif"
-        paths = [Path(args.output) if args.output else default]
-        if paths[0].is_dir():
-            paths = [paths[0] / default.name]
-    for path in paths:
-        if path.suffix and path.suffix.lower() not in SUPPORTED_SUFFIXES:
-            raise UsageError(
-                f"-o {path}: unsupported suffix {path.suffix!r}; use {', '.join(SUPPORTED_SUFFIXES)} "
-                "or a folder name for PNG frames"
-            )
-        settings = path.parent / f"{path.name}.json"
-        if not args.overwrite and (path.exists() or settings.exists()):
-            raise UsageError(f"{path} already exists; pass --overwrite to replace it")
-    return paths
-
-
-def slug(text: str, n: int = 40) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:n].lower() or "video"
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Job:
-    """Checked runs and where their videos go."""
+    """Checked runs, where their videos go, and which to make."""
 
     runs: list[Run]
-    outputs: list[Path]
+    outputs: list[list[Slot]]  # per run, per video
+    make: list[bool]  # False: skipped (--skip-existing)
     overwrite: bool
+    config: Path | None = None  # a --config batch: its grid and a copy go beside the videos
+    resume: bool = False  # --skip-existing: the batch's grid and config copy are refreshed
+    reservations: Reservations = dataclasses.field(default_factory=Reservations)
+
+    @property
+    def folder(self) -> Path | None:
+        return self.outputs[0][0].path.parent if self.config else None
+
+    def close(self) -> None:
+        """Free the output names this run reserved."""
+        self.reservations.close()
 
 
 def prepare(args: argparse.Namespace) -> Job:
     """Every check that needs no model (and no torch); models named by id are fetched."""
     runs = runs_from_args(args)
-    outputs = outputs_for(args, runs)
-    offline = True if args.offline else None  # None: HF_HUB_OFFLINE decides
-    resolved: dict[ModelOptions, ModelOptions] = {}
-    for i, r in enumerate(runs):
-        if r.models not in resolved:
-            resolved[r.models] = resolve_models(r.models, offline, official=bool(args.config))
-        runs[i] = dataclasses.replace(r, models=resolved[r.models])
-    return Job(runs, outputs, args.overwrite)
+    for run in runs:
+        check_device(run.models.device)
+    slots = outputs_for(args, runs)
+    check_folders(slots)
+    config = Path(args.config) if args.config is not None else None
+    job = Job(runs, slots, [], args.overwrite, config, args.skip_existing)
+    try:
+        job.make = slots_free(slots, args, job.reservations)
+        if config:
+            extras_free(job.folder, args)
+        for run, make in zip(runs, job.make):
+            if make:
+                where = f"{config}: entry {run.name}" if config else ""
+                estimate.check(run.options(), run.models.base, where)
+        offline = True if args.offline else None  # None: HF_HUB_OFFLINE decides
+        resolved: dict[ModelOptions, ModelOptions] = {}
+        for i, r in enumerate(runs):
+            if job.make[i] and r.models not in resolved:
+                resolved[r.models] = resolve_models(r.models, offline, official=bool(config))
+            runs[i] = dataclasses.replace(r, models=resolved.get(r.models, r.models))
+    except BaseException:
+        job.close()
+        raise
+    return job

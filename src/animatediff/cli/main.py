@@ -10,10 +10,14 @@ to rerun with `--debug`, which shows the traceback (`--debug` works before or af
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from huggingface_hub.utils import disable_progress_bars
@@ -22,10 +26,21 @@ from .. import __version__
 from ..errors import UsageError, UserError
 from ..world.evaluate import add_arguments as evaluate_arguments
 from . import generate, ui
-from .flags import Parser
+from .flags import Parser, printable
+from .outputs import check_writable
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_TERMINATED = 128 + signal.SIGTERM
+# Failures of the machine rather than of the program: one line, like a user's mistake.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+}
 log = logging.getLogger("animatediff")
 
 # command -> (module of its heavy half, function), imported after the light checks
@@ -55,12 +70,21 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in `--help`, except the empty ones (None, False, "")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, "", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> Parser:
     common = _common()
     parser = Parser(prog="animatediff", description=__doc__.splitlines()[0], parents=[common])
     parser.add_argument("--version", action="version", version=f"animatediff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    kw = dict(parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    kw = dict(parents=[common], formatter_class=_Formatter)
     generate.add_arguments(sub.add_parser("generate", help="text to animation", **kw))
     c = sub.add_parser("convert", help="convert a motion module or a single-file checkpoint", **kw)
     c.add_argument("input")
@@ -70,7 +94,7 @@ def build_parser() -> Parser:
     c.add_argument("--to", choices=("original", "diffusers"), help="default: from the output name")
     c.add_argument("--base", help="with a single-file checkpoint: the SD1.5 folder for configs")
     c.add_argument("--motion-version", choices=("v1", "v2", "v3"))
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     t = sub.add_parser("train", help="train a domain adapter, motion module or MotionLoRA", **kw)
     t.add_argument("config", help="training config YAML (see README)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -96,12 +120,57 @@ def prepare(args: argparse.Namespace):
         path = getattr(args, name, None)
         if path is not None and not Path(path).exists():
             raise UsageError(f"{name}: file not found: {path}")
+    if args.command == "convert":
+        output = Path(args.output)
+        if (output.exists() or output.is_symlink()) and not args.overwrite:
+            raise UsageError(f"{output} already exists; pass --overwrite to replace it")
+        check_writable(output.parent, "output")
     return args
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that temporary files are cleaned up."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (in-process callers may redirect it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def _logging(args: argparse.Namespace) -> None:
     level = logging.WARNING - 10 * getattr(args, "verbose", 0) + 10 * getattr(args, "quiet", 0)
-    logging.basicConfig(format="animatediff: %(message)s", level=max(level, logging.DEBUG))
+    log.setLevel(max(level, logging.DEBUG))
+    log.propagate = False  # one line per message, whatever the root logger does
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("animatediff: %(message)s"))
+        log.addHandler(handler)
     for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):  # our messages only
         os.environ.setdefault(name, "error")
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "0":
@@ -110,29 +179,52 @@ def _logging(args: argparse.Namespace) -> None:
         disable_progress_bars()
 
 
+def run(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    _logging(args)
+    checked = prepare(args)
+    try:
+        module, name = HEAVY[args.command]
+        getattr(importlib.import_module(module), name)(checked)
+    finally:
+        getattr(checked, "close", lambda: None)()  # e.g. free the output names reserved
+
+
+def _is_mistake(e: Exception) -> bool:
+    """A user's mistake, or a failure of the machine (disk full, read-only): one line."""
+    if isinstance(e, UserError | FileNotFoundError | FileExistsError):
+        return True
+    return isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
-        _logging(args)
-        checked = prepare(args)
-        module, name = HEAVY[args.command]
-        getattr(importlib.import_module(module), name)(checked)
-    except (UserError, FileNotFoundError, FileExistsError) as e:
-        if debug:
-            raise
-        print(f"animatediff: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        with _sigterm_raises():
+            run(argv)
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     except KeyboardInterrupt:
         print("animatediff: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("animatediff: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as e:
         if debug:
             raise
-        print(f"animatediff: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        if _is_mistake(e):
+            print(f"animatediff: error: {printable(_message(e))}", file=sys.stderr)
+            return EXIT_USAGE
+        message = printable(f"{type(e).__name__}: {e}")
+        print(f"animatediff: unexpected error: {message}", file=sys.stderr)
         print("animatediff: rerun with --debug for the traceback, and report it", file=sys.stderr)
         return EXIT_FAILURE
     return 0

@@ -1,32 +1,75 @@
-"""`animatediff generate`, its second half: load the models (once per distinct set) and render
-each checked run, writing the video and its settings JSON atomically."""
+"""`animatediff generate`, its second half: the checks that need the heavy modules, then load
+the models (once per distinct set), render each checked run and save it (`cli/save.py`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
+import logging
+from collections.abc import Mapping
 
 import torch
+import transformers
 
-from .. import __version__
+from ..checkpoints.base import check_pickled_weights
+from ..checkpoints.motion import build_motion_module, read_motion_checkpoint
 from ..options import ModelOptions
 from ..pipeline import AnimationPipeline
-from .config import Run, settings_json
+from ..pipeline.prompt import unknown_words
+from ..pipeline.prompt_syntax import parse_prompt_attention
+from ..video import VideoReadError, video_info
+from .config import Run
 from .flags import UsageError
 from .generate import Job
+from .save import compare_hashes, file_hashes, provenance, save, save_extras
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+log = logging.getLogger("animatediff")
 
 
 def execute(job: Job) -> None:
     dev = device(job.runs[0].models.device)
-    pipe, key = None, None
-    for r, output in zip(job.runs, job.outputs):
+    for r, make in zip(job.runs, job.make):
+        if make:
+            preflight(r)
+    if log.getEffectiveLevel() > logging.INFO:
+        transformers.utils.logging.disable_progress_bar()
+    pipe, key, made = None, None, []
+    for r, slots, make in zip(job.runs, job.outputs, job.make):
+        if not make:
+            made.append([s.path for s in slots])
+            continue
         if r.models != key:  # consecutive runs on the same models share the pipeline
             pipe, key = load(r.models, dev), r.models
-        video = pipe(r.prompt, r.negative_prompt, options=r.options())
-        save(video, output, job.overwrite, r)
+        _warn_unknown_words(pipe, r)
+        hashes = file_hashes(r)
+        compare_hashes(r.recorded, hashes)
+        quiet = log.getEffectiveLevel() > logging.WARNING
+        video = pipe(r.prompt, r.negative_prompt, options=r.options(), progress=not quiet)
+        made.append(save(video, slots, job.overwrite, r, provenance(dev, hashes)))
+    if job.config is not None:
+        save_extras(job, made)
+
+
+def preflight(r: Run) -> None:
+    """The checks that need the heavy modules but no model: prompt syntax, input lengths."""
+    p = r.options().prompting
+    prompts = r.prompt.values() if isinstance(r.prompt, Mapping) else [r.prompt]
+    negatives = r.negative_prompt.values() if isinstance(r.negative_prompt, Mapping) else []
+    for text in [p.prompt_head, *prompts, p.prompt_tail, *negatives, r.negative_prompt]:
+        if isinstance(text, str):
+            try:
+                parse_prompt_attention(text)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+    options = r.options()
+    init, frames = options.init.init_video, options.sampling.num_frames
+    if isinstance(init, str) and frames is not None:
+        try:
+            have = video_info(init).num_frames
+        except VideoReadError as e:
+            raise UsageError(f"--init-video: {e}") from None
+        if 1 < have < frames:
+            raise UsageError(f"--init-video {init}: {have} frames, fewer than --frames {frames}")
 
 
 def device(name: str) -> str:
@@ -58,17 +101,46 @@ def load(models: ModelOptions, device_name: str) -> AnimationPipeline:
     kwargs = {f.name: getattr(models, f.name) for f in dataclasses.fields(models)}
     kwargs.update(device=device_name, dtype=dtype(models.dtype, device_name))
     kwargs["controlnets"] = list(models.controlnets) or None
-    return AnimationPipeline.load(**kwargs)
+    for folder in (*models.controlnets, models.image_encoder):
+        if folder is not None:
+            check_pickled_weights(folder)
+    if models.adapter is None or models.motion_module is None:
+        return AnimationPipeline.load(**kwargs)
+    # the adapter goes with v3 modules: read the module first, to check before the base loads
+    ckpt = read_motion_checkpoint(models.motion_module, models.motion_version)
+    _check_adapter(models, ckpt)
+    pipe = AnimationPipeline.load(**{**kwargs, "motion_module": build_motion_module(ckpt)})
+    pipe.motion_release = ckpt.release
+    return pipe
 
 
-def save(video, output: Path, overwrite: bool, r: Run) -> list[Path]:
-    paths = video.save(output, overwrite=overwrite)
-    extra = {"outputs": [str(p) for p in paths], "animatediff_version": __version__}
-    meta = output.parent / f"{output.name}.json"
-    tmp = meta.with_name(f".{meta.name}.tmp")
-    tmp.write_text(settings_json(r, video.info, r.models, extra))
-    os.replace(tmp, meta)  # atomic, like the video itself
-    for p in paths:
-        print(f"saved {p}")
-    print(f"settings {meta}")
-    return paths
+def _check_adapter(models: ModelOptions, ckpt) -> None:
+    version = ckpt.config.version
+    if version != "v3":
+        raise UsageError(
+            f"--adapter: the domain adapter goes with v3 motion modules, and "
+            f"{models.motion_module} is {version} ({ckpt.version_source}); leave out --adapter, "
+            "or pass --motion-version v3 if the module is v3"
+        )
+
+
+def _warn_unknown_words(pipe: AnimationPipeline, r: Run) -> None:
+    """The built-in model knows a few dozen words; others are spelled out and ignored."""
+    if r.models.base is not None:
+        return
+    p = r.options().prompting
+    prompts = r.prompt.values() if isinstance(r.prompt, Mapping) else [r.prompt]
+    words: list[str] = []
+    for text in [p.prompt_head, *prompts, p.prompt_tail]:
+        words += [w for w in unknown_words(pipe.tokenizer, text) if w not in words]
+    if words:
+        log.warning(
+            "the built-in model does not know %s (it knows: %s)",
+            ", ".join(repr(w) for w in words),
+            ", ".join(sorted(_known_words(pipe))),
+        )
+
+
+def _known_words(pipe: AnimationPipeline) -> list[str]:
+    vocab = pipe.tokenizer.get_vocab()
+    return [t[:-4] for t in vocab if t.endswith("</w>") and len(t) > 5 and t[:-4].isalpha()]
