@@ -191,9 +191,12 @@ V3_CONFIG = f"""\
 
 def _config_outputs(run: Run, count: int) -> list[tuple[Path, dict]]:
     assert_ok(run)
-    videos = sorted((run.cwd / "out").glob("*.gif"))
+    videos = sorted(v for v in (run.cwd / "out").glob("*.gif") if v.name != "sample.gif")
     assert len(videos) == count, run
-    assert sorted(run.saved()) == [str(Path("out") / v.name) for v in videos], run
+    assert (run.cwd / "out" / "sample.gif").is_file()  # the grid, as the official script writes
+    assert (run.cwd / "out" / "config.yaml").is_file()  # and a copy of the config
+    saved = sorted(p for p in run.saved() if Path(p).name != "sample.gif")
+    assert saved == [str(Path("out") / v.name) for v in videos], run
     return [(v, settings_of(v)) for v in videos]
 
 

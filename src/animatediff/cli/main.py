@@ -203,11 +203,23 @@ def _message(e: Exception) -> str:
     return str(e)
 
 
+@contextlib.contextmanager
+def _logger_restored() -> Iterator[None]:
+    """The package logger as it was, after the command (in-process callers: tests, the UI)."""
+    saved = (log.level, log.propagate, list(log.handlers))
+    try:
+        yield
+    finally:
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        log.handlers[:] = saved[2]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), _logger_restored():
             run(argv)
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
