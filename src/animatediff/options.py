@@ -29,7 +29,7 @@ OUTPUT_SUFFIXES = (".gif", ".mp4", ".webp")  # and a folder name (no suffix) for
 # Stated limits: beyond them a run cannot fit any machine this project targets.
 MAX_SIZE = 4096  # pixels per side
 MAX_FRAMES = 4096
-MAX_STEPS = 1000
+MAX_STEPS = 500  # DDIM with steps_offset=1 cannot take 1000 steps; more never help
 MAX_VIDEOS = 64
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
