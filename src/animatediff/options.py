@@ -25,6 +25,9 @@ FUSE_KINDS = ("flat", "pyramid", "overlap-linear")
 FREEINIT_FILTERS = ("butterworth", "gaussian", "ideal", "box")
 INTERPOLATIONS = ("linear", "slerp")
 PRESET_NAMES = ("lightning", "animatelcm", "auto")  # pipeline/presets.py defines them
+OFFLOAD_MODES = ("none", "model", "sequential")  # pipeline/offload.py
+COMPILE_MODES = ("none", "regional", "full")  # pipeline/speed.py
+TILING = ("auto", "on", "off")  # vae.py
 OUTPUT_SUFFIXES = (".gif", ".mp4", ".webp")  # and a folder name (no suffix) for PNG frames
 # Stated limits: beyond them a run cannot fit any machine this project targets.
 MAX_SIZE = 4096  # pixels per side
@@ -235,6 +238,24 @@ class ModelOptions(_Checked):
         choices=("fp32", "fp16", "bf16"),
     )  # fmt: skip
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps", kind=str)
+    # Load-time memory and speed settings (see docs/performance.md).
+    offload: str = opt(
+        "none", "keep weights in RAM, each model on the device only while it runs: model "
+        "(whole models) or sequential (the UNet layer by layer: least memory, slowest)",
+        kind=str, choices=OFFLOAD_MODES,
+    )  # fmt: skip
+    compile: str = opt(
+        "none", "torch.compile the UNet: regional (its repeated blocks, compiles fast) or "
+        "full (one graph per UNet call); exact within the dtype's rounding", kind=str,
+        choices=COMPILE_MODES,
+    )  # fmt: skip
+    cuda_graphs: bool = opt(
+        False, "with --compile full on CUDA: replay the UNet as CUDA graphs", kind=bool
+    )
+    fuse_qkv: bool = opt(
+        False, "fuse attention q/k/v projections (image and motion layers)", kind=bool
+    )
+    channels_last: bool = opt(False, "run the UNet's convolutions channels-last", kind=bool)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -436,6 +457,40 @@ class OutputOptions(_Checked):
     )
 
 
+@dataclass(frozen=True)
+class PerformanceOptions(_Checked):
+    """Memory and speed: exact settings, and approximations (marked) that trade quality."""
+
+    ff_chunks: int = opt(
+        0, "feed-forward layers in N pieces (0: as many as a memory budget needs; 1: whole); "
+        "exact", kind=int, minimum=0, maximum=MAX_FRAMES,
+    )  # fmt: skip
+    vae_tiling: str = opt(
+        "auto", "decode frames in overlapping tiles (auto: above 768 pixels)", kind=str,
+        choices=TILING,
+    )  # fmt: skip
+    deepcache_interval: int = opt(
+        1, "approximate (DeepCache): the whole UNet every N steps, its deep features reused "
+        "between (1: off)", kind=int, minimum=1, maximum=MAX_STEPS,
+    )  # fmt: skip
+    guidance_start: float = opt(
+        0.0, "approximate: fraction of the steps before which guidance is skipped (the "
+        "conditional pass alone)", kind=float, minimum=0, maximum=1,
+    )  # fmt: skip
+    guidance_end: float = opt(
+        1.0, "approximate: fraction of the steps after which guidance is skipped", kind=float,
+        minimum=0, maximum=1,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.guidance_start > self.guidance_end:
+            raise OptionError(
+                f"guidance_start ({self.guidance_start}) must not exceed guidance_end "
+                f"({self.guidance_end})"
+            )
+
+
 GROUPS: dict[str, type] = {
     "sampling": SamplingOptions,
     "context": ContextOptions,
@@ -444,6 +499,7 @@ GROUPS: dict[str, type] = {
     "control": ControlInputs,
     "init": InitInputs,
     "output": OutputOptions,
+    "performance": PerformanceOptions,
 }
 # Which group owns each option name (names are unique across groups).
 OWNER: dict[str, str] = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
@@ -461,6 +517,7 @@ class Options:
     control: ControlInputs = field(default_factory=ControlInputs)
     init: InitInputs = field(default_factory=InitInputs)
     output: OutputOptions = field(default_factory=OutputOptions)
+    performance: PerformanceOptions = field(default_factory=PerformanceOptions)
 
     @classmethod
     def build(

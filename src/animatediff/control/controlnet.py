@@ -11,7 +11,8 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from ..checkpoints.io import CheckpointError, check_keys, load_state_dict
-from ..motion.frames import fold_frames, per_frame_inputs
+from ..motion.frames import fold_frames, per_frame_inputs, select_frames, unfold_frames
+from ..motion.unet import time_embedding
 from ..options import OptionError
 from ..video.inputs import as_frames
 from .residuals import Residuals, active
@@ -60,13 +61,16 @@ def load_controlnet(
 
 @dataclass
 class ControlNetInput:
-    """One ControlNet with its images for every frame, (b, 3, f, H, W) in [0, 1]."""
+    """One ControlNet with its images for every frame, (b, 3, f, H, W) in [0, 1]. The images'
+    condition embedding does not depend on the step: it is computed at the first step, for every
+    frame, and reused."""
 
     model: ControlNetModel
     images: torch.Tensor
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    embedded: torch.Tensor | None = None  # (b, c', f, h, w)
 
     def residuals(self, sample, t, text, frames, step, num_steps, windows=None) -> Residuals | None:
         """Residuals for `sample` (b, c, len(frames), h, w), the video's `frames`."""
@@ -74,16 +78,74 @@ class ControlNetInput:
             return None
         b, _, f, _, _ = sample.shape
         t, text = per_frame_inputs(t, text, b, f, sample.device)
-        images = self.images[:, :, frames].repeat(b // self.images.shape[0], 1, 1, 1, 1)
-        down, mid = self.model(
-            fold_frames(sample),
-            t,
-            text,
-            controlnet_cond=fold_frames(images).to(sample.device, sample.dtype),
-            conditioning_scale=self.scale,
-            return_dict=False,
+        if not plain(self.model):  # beyond SD1.5's layout: diffusers' own forward
+            images = select_frames(self.images, frames).to(sample.device, sample.dtype)
+            images = images.repeat(b // self.images.shape[0], 1, 1, 1, 1)
+            down, mid = self.model(
+                fold_frames(sample), t, text, controlnet_cond=fold_frames(images),
+                conditioning_scale=self.scale, return_dict=False,
+            )  # fmt: skip
+            return Residuals(list(down), mid)
+        if self.embedded is None or self.embedded.dtype != sample.dtype:
+            images = self.images.to(sample.device, sample.dtype)
+            # contiguous: images read from files may be strided channels-last, which changes
+            # the convolution's rounding
+            folded = fold_frames(images).contiguous()
+            self.embedded = unfold_frames(embed(self.model, folded), images.shape[2])
+        part = select_frames(self.embedded, frames)
+        part = part.repeat(b // part.shape[0], 1, 1, 1, 1)
+        return controlnet_forward(
+            self.model, fold_frames(sample), t, text, fold_frames(part), self.scale
         )
-        return Residuals(list(down), mid)
+
+
+def plain(model: ControlNetModel) -> bool:
+    """An SD1.5-style ControlNet (no class or added embeddings, no pooled conditions): the ones
+    :func:`controlnet_forward` computes."""
+    cfg = model.config
+    return (
+        model.class_embedding is None
+        and cfg.addition_embed_type is None
+        and not (cfg.global_pool_conditions)
+    )
+
+
+def embed(model: ControlNetModel, images: torch.Tensor) -> torch.Tensor:
+    """The condition embedding of images ((b f), 3, H, W) in [0, 1], as diffusers' forward
+    computes it (channel order included)."""
+    if model.config.controlnet_conditioning_channel_order == "bgr":
+        images = torch.flip(images, dims=[1])
+    return model.controlnet_cond_embedding(images)
+
+
+def controlnet_forward(
+    model: ControlNetModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    text: torch.Tensor,
+    embedded: torch.Tensor,
+    scale: float,
+) -> Residuals:
+    """diffusers' `ControlNetModel.forward` for an SD1.5-style ControlNet (:func:`plain`), frames
+    folded, given the condition already embedded (:func:`embed`)."""
+    emb = time_embedding(model, sample, timestep)
+    x = model.conv_in(sample) + embedded
+    skips = [x]
+    for block in model.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            x, res = block(hidden_states=x, temb=emb, encoder_hidden_states=text)
+        else:
+            x, res = block(hidden_states=x, temb=emb)
+        skips += res
+    if model.mid_block is not None:
+        cross = getattr(model.mid_block, "has_cross_attention", False)
+        x = (
+            model.mid_block(x, emb, encoder_hidden_states=text)
+            if cross
+            else model.mid_block(x, emb)
+        )
+    down = [block(s) * scale for s, block in zip(skips, model.controlnet_down_blocks)]
+    return Residuals(down, model.controlnet_mid_block(x) * scale)
 
 
 def controlnet_inputs(

@@ -25,6 +25,23 @@ def unfold_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     return x.view(bf // num_frames, num_frames, c, h, w).transpose(1, 2)
 
 
+def frame_index(indices: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """An index for frames `indices`: a slice when they are consecutive, else a long tensor
+    sent to `device` without blocking (a blocking copy would wait for the device's queue)."""
+    indices = [int(i) for i in indices]
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return torch.tensor(indices).to(device, non_blocking=True)
+
+
+def select_frames(x: torch.Tensor, indices: Sequence[int], dim: int = 2) -> torch.Tensor:
+    """`x` restricted to frames `indices` along `dim` (a view for consecutive frames)."""
+    index = frame_index(indices, x.device)
+    if isinstance(index, slice):
+        return x.narrow(dim, index.start, index.stop - index.start)
+    return x.index_select(dim, index)
+
+
 def per_frame(t: torch.Tensor | None, batch: int, num_frames: int) -> torch.Tensor | None:
     """Repeat a per-video tensor for each frame; pass per-frame tensors through."""
     if t is None or t.shape[0] == batch * num_frames:
@@ -61,9 +78,8 @@ def window_text(
             f"text has {text.shape[0]} rows; expected {batch} (shared) or "
             f"{batch * num_frames} (batch {batch} x {num_frames} frames)"
         )
-    idx = torch.as_tensor(list(indices), device=text.device, dtype=torch.long)
-    per_frame_text = text.view(batch, num_frames, *text.shape[1:])[:, idx]
-    return per_frame_text.reshape(batch * len(idx), *text.shape[1:])
+    per_frame_text = select_frames(text.view(batch, num_frames, *text.shape[1:]), indices, 1)
+    return per_frame_text.reshape(batch * len(indices), *text.shape[1:])
 
 
 class WindowAccumulator:
@@ -110,10 +126,14 @@ class WindowAccumulator:
                 f"weights must have shape ({len(indices)},), got {tuple(weights.shape)}"
             )
         weights = weights.to(self.total.device, self.total.dtype)
-        idx = torch.tensor(indices, dtype=torch.long).to(self.total.device, non_blocking=True)
         weighted = value.to(self.total.dtype) * weights.view(1, 1, -1, 1, 1)
-        self.total.index_add_(2, idx, weighted)
-        self.weight.index_add_(0, idx, weights)
+        index = frame_index(indices, self.total.device)
+        if isinstance(index, slice):  # consecutive frames: add in place, no index tensor
+            self.total[:, :, index] += weighted
+            self.weight[index] += weights
+        else:
+            self.total.index_add_(2, index, weighted)
+            self.weight.index_add_(0, index, weights)
         self._covered.update(indices)
 
     def result(self) -> torch.Tensor:

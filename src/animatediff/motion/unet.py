@@ -20,7 +20,13 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .config import MotionModuleConfig
-from .frames import WindowAccumulator, fold_frames, per_frame_inputs, unfold_frames
+from .frames import (
+    WindowAccumulator,
+    fold_frames,
+    per_frame_inputs,
+    select_frames,
+    unfold_frames,
+)
 from .module import MotionModules, TemporalModule
 
 # A window of frames and its per-frame fusion weights (`views`: only the motion modules see it).
@@ -35,6 +41,7 @@ class MotionCall:
     scale: float | torch.Tensor = 1.0  # a float, a 0-d tensor, or one value per frame (f,)
     windows: tuple[FrameWindow, ...] | None = None
     checkpoint: bool = False  # recompute motion modules in backward (training)
+    ff_chunks: int = 1  # feed-forward pieces in the motion modules
 
 
 class MotionUNet(nn.Module):
@@ -50,6 +57,7 @@ class MotionUNet(nn.Module):
         self.unet = unet
         self.motion = motion
         self.gradient_checkpointing = False  # a training setting, not per call
+        self.ff_chunk_rows: int | None = None  # see set_ff_chunking
         self._check_layout()
         self._modules_per_block = _motion_sites(motion)
 
@@ -77,13 +85,31 @@ class MotionUNet(nn.Module):
         """The 2D UNet, exactly as it was (nothing was attached to it)."""
         return self.unet
 
-    def call(self, num_frames: int, motion_scale=1.0, windows=None) -> MotionCall:
-        """The per-call state for `num_frames` frames."""
+    def set_ff_chunking(self, rows: int | None) -> None:
+        """Run every feed-forward layer in pieces of `rows` images of the folded batch (frames
+        x videos; None: whole). The image layers' transformer blocks chunk along that batch
+        (diffusers' `set_chunk_feed_forward`, so calls must have a multiple of `rows` images);
+        the motion modules split their positions into as many pieces. Exact: a smaller peak
+        of activations, the same result."""
+        if rows is not None and rows < 1:
+            raise ValueError(f"ff chunk rows must be >= 1, got {rows}")
+        set_ff_chunking(self.unet, rows)
+        self.ff_chunk_rows = rows
+
+    def call(self, num_frames: int, motion_scale=1.0, windows=None, rows: int = 0) -> MotionCall:
+        """The per-call state for `num_frames` frames (`rows`: images in the folded batch)."""
+        chunk = self.ff_chunk_rows
+        if chunk and rows % chunk:
+            raise ValueError(
+                f"feed-forward chunks of {chunk} images do not divide a batch of {rows} "
+                "(set_ff_chunking)"
+            )
         return MotionCall(
             num_frames,
-            _as_scale(motion_scale),
+            as_motion_scale(motion_scale),
             None if windows is None else tuple(windows),
             self.gradient_checkpointing and torch.is_grad_enabled(),
+            rows // chunk if chunk else 1,
         )
 
     def forward(
@@ -98,16 +124,21 @@ class MotionUNet(nn.Module):
         mid_block_additional_residual: torch.Tensor | None = None,
         added_cond_kwargs: dict | None = None,
         cross_attention_kwargs: dict | None = None,
-    ) -> torch.Tensor:
+        deep_feature: torch.Tensor | None = None,
+        return_deep_feature: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """sample (b, c, f, h, w) -> noise prediction (b, c_out, f, h, w).
 
         motion_scale: scales the motion modules' contribution (a number, or one per frame).
         windows: run each motion module on these frame windows and fuse per frame ("views").
         ControlNet residuals (frames folded) are added as in diffusers; `added_cond_kwargs`
         (e.g. IP-Adapter image embeddings) and `cross_attention_kwargs` go to the 2D layers.
+        Feature caching (DeepCache, Ma et al. 2024): `return_deep_feature=True` also returns
+        the input of the last up block; given back as `deep_feature` at a later step, only the
+        first down block and the last up block run (an approximation).
         """
         b, _, f, _, _ = sample.shape
-        call = self.call(f, motion_scale, windows)
+        call = self.call(f, motion_scale, windows, b * f)
         t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device)
         unet = self.unet
         x = fold_frames(sample)
@@ -115,24 +146,44 @@ class MotionUNet(nn.Module):
         if unet.encoder_hid_proj is not None:  # e.g. IP-Adapter: (text, image tokens)
             text = unet.process_encoder_hidden_states(text, added_cond_kwargs or {})
         ctx = BlockInputs(emb, text, cross_attention_kwargs, call)
+        if deep_feature is not None:
+            x = self._shallow(unet.conv_in(x), deep_feature, ctx, down_block_additional_residuals)
+            return unfold_frames(self._out(x, call), f)
         x, skips = self.down(unet.conv_in(x), ctx)
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
         x = self.mid(x, ctx)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
-        x = self.up(x, skips, ctx)
+        x, feature = self.up(x, skips, ctx)
+        out = unfold_frames(self._out(x, call), f)
+        return (out, feature) if return_deep_feature else out
+
+    def _out(self, x: torch.Tensor, call: MotionCall) -> torch.Tensor:
+        unet = self.unet
         if unet.conv_norm_out is not None:
             x = unet.conv_act(self._norm(unet.conv_norm_out, x, call))
-        return unfold_frames(unet.conv_out(x), f)
+        return unet.conv_out(x)
+
+    def _shallow(self, x, feature, ctx: BlockInputs, residuals) -> torch.Tensor:
+        """DeepCache's shallow pass: the first down block's layers (no downsampler), then the
+        last up block on the cached deep `feature` and those skip connections."""
+        block, modules = self.unet.down_blocks[0], self._modules_per_block["down"][0]
+        skips = [x]
+        for resnet, attention, module in _layers(block, modules):
+            x = self._layer(resnet, attention, module, x, ctx)
+            skips.append(x)
+        if residuals is not None:
+            skips = [s + r for s, r in zip(skips, residuals)]
+        last = len(self.unet.up_blocks) - 1
+        return self._up_block(last, feature, skips, ctx, None)
 
     # -- the blocks ------------------------------------------------------------------------------
     def down(self, x: torch.Tensor, ctx: BlockInputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The down blocks; returns the hidden state and every skip connection (conv_in's first)."""
         skips = [x]
         for block, modules in zip(self.unet.down_blocks, self._modules_per_block["down"]):
-            attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-            for resnet, attention, module in zip(block.resnets, attentions, modules):
+            for resnet, attention, module in _layers(block, modules):
                 x = self._layer(resnet, attention, module, x, ctx)
                 skips.append(x)
             for downsampler in block.downsamplers or []:
@@ -153,20 +204,32 @@ class MotionUNet(nn.Module):
             x = self._resnet(resnet, x, ctx)
         return x
 
-    def up(self, x: torch.Tensor, skips: list[torch.Tensor], ctx: BlockInputs) -> torch.Tensor:
-        """The up blocks, consuming the skip connections from the last."""
+    def up(
+        self, x: torch.Tensor, skips: list[torch.Tensor], ctx: BlockInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The up blocks, consuming the skip connections from the last; returns the output and
+        the input of the last up block (DeepCache's cached feature)."""
         # diffusers' rule: latents not divisible by the total upsampling get explicit sizes
         factor = 2**self.unet.num_upsamplers
         odd_size = any(s % factor for s in skips[0].shape[-2:])
-        blocks = list(self.unet.up_blocks)
-        for i, (block, modules) in enumerate(zip(blocks, self._modules_per_block["up"])):
-            attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-            for resnet, attention, module in zip(block.resnets, attentions, modules):
-                x = torch.cat([x, skips.pop()], dim=1)
-                x = self._layer(resnet, attention, module, x, ctx)
-            size = skips[-1].shape[2:] if odd_size and i < len(blocks) - 1 else None
-            for upsampler in block.upsamplers or []:
-                x = upsampler(x, size)
+        last = len(self.unet.up_blocks) - 1
+        feature = x
+        for i in range(last + 1):
+            feature, size = x, None
+            if odd_size and i < last:  # the skip after this block's own
+                size = skips[-1 - len(self.unet.up_blocks[i].resnets)].shape[2:]
+            x = self._up_block(i, x, skips, ctx, size)
+        return x, feature
+
+    def _up_block(
+        self, i: int, x, skips: list[torch.Tensor], ctx: BlockInputs, size
+    ) -> torch.Tensor:
+        block, modules = self.unet.up_blocks[i], self._modules_per_block["up"][i]
+        for resnet, attention, module in _layers(block, modules):
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = self._layer(resnet, attention, module, x, ctx)
+        for upsampler in block.upsamplers or []:
+            x = upsampler(x, size)
         return x
 
     def _layer(self, resnet, attention, module, x: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
@@ -203,7 +266,7 @@ class MotionUNet(nn.Module):
         elif call.checkpoint:
             out = torch.utils.checkpoint.checkpoint(module, x, call.num_frames, use_reentrant=False)
         else:
-            out = module(x, call.num_frames)
+            out = module(x, call.num_frames, call.ff_chunks)
         return scale_motion(x, out, call.scale)
 
     @staticmethod
@@ -211,7 +274,7 @@ class MotionUNet(nn.Module):
         video = unfold_frames(x, call.num_frames)
         fused = WindowAccumulator.like(video)
         for indices, weights in call.windows:
-            part = module(fold_frames(video[:, :, list(indices)]), len(indices))
+            part = module(fold_frames(select_frames(video, indices)), len(indices), call.ff_chunks)
             fused.add(indices, unfold_frames(part, len(indices)), weights)
         return fold_frames(fused.result().to(x.dtype))
 
@@ -226,6 +289,20 @@ class BlockInputs:
     call: MotionCall
 
 
+def _layers(block: nn.Module, modules: list):
+    """(resnet, attention or None, motion module or None) for each layer of a block."""
+    attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+    return zip(block.resnets, attentions, modules)
+
+
+def set_ff_chunking(model: nn.Module, rows: int | None) -> None:
+    """diffusers' feed-forward chunking (along the folded batch) on every transformer block of
+    `model` that has it; None turns it off."""
+    for module in model.modules():
+        if hasattr(module, "set_chunk_feed_forward") and hasattr(module, "ff"):
+            module.set_chunk_feed_forward(rows, 0)
+
+
 def scale_motion(x: torch.Tensor, out: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """The motion module's contribution (`out - x`) scaled; a scale of exactly 1 returns `out`."""
     if isinstance(scale, float) and scale == 1.0:
@@ -235,7 +312,8 @@ def scale_motion(x: torch.Tensor, out: torch.Tensor, scale: float | torch.Tensor
     return x + (out - x) * scale
 
 
-def _as_scale(scale: float | torch.Tensor | Sequence[float]) -> float | torch.Tensor:
+def as_motion_scale(scale: float | torch.Tensor | Sequence[float]) -> float | torch.Tensor:
+    """A float, or a tensor (0-d, or one value per frame)."""
     if isinstance(scale, torch.Tensor):
         return scale
     if isinstance(scale, int | float):

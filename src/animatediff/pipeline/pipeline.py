@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from ..checkpoints.embeddings import TextualInversions
 from ..checkpoints.hub import resolve
 from ..checkpoints.motion import build_motion_module, read_motion_checkpoint
 from ..control import (
+    SparseControlNet,
+    active,
     controlnet_inputs,
     load_controlnet,
     load_sparsectrl,
@@ -34,13 +37,14 @@ from ..control import (
 from ..control.ip_adapter import IPAdapter, IPAdapterEmbeds, load_ip_adapter
 from ..lora import LoRASet, merge_lora
 from ..lora import merged as lora_merged
-from ..motion.frames import WindowAccumulator, window_text
+from ..motion.frames import WindowAccumulator, select_frames, window_text
 from ..motion.module import MotionModules
-from ..motion.unet import MotionUNet
+from ..motion.unet import MotionUNet, as_motion_scale, set_ff_chunking
 from ..options import ContextOptions, OptionError, Options, SamplingOptions
 from ..vae import decode_latents, encode_frames
 from ..video import Video
 from ..video.inputs import as_frames, as_image, reference_images
+from . import speed
 from .context import context_windows, fuse_weights
 from .noise import (
     FREEINIT_DEFAULTS,
@@ -49,6 +53,7 @@ from .noise import (
     freq_filter,
     mix_shared_noise,
 )
+from .offload import Offload
 from .presets import preset_settings
 from .prompt import encode_prompts
 from .schedulers import make_scheduler
@@ -86,6 +91,50 @@ class Plan:
     def context(self) -> ContextOptions | None:
         ctx = self.options.context
         return ctx if ctx.applies(self.noise.shape[2]) else None
+
+    def guided_at(self, step: int) -> bool:
+        """Whether step `step` runs the unconditional pass (guidance on a subset of steps)."""
+        p = self.options.performance
+        return self.guided and active(step, self.steps, p.guidance_start, p.guidance_end)
+
+
+@dataclass
+class Loop:
+    """What a denoising pass needs on the device, made before its first step so that no step
+    waits for the device: the timesteps, the motion scale, fusion weights, the IP-Adapter's
+    rows per window; and DeepCache's features, by window."""
+
+    timesteps: torch.Tensor  # on the device, for the UNet
+    scale: float | torch.Tensor  # 1.0 (exact fast path) or a device tensor (no recompiling)
+    device: torch.device
+    weights: dict = dataclasses.field(default_factory=dict)
+    embeds: dict = dataclasses.field(default_factory=dict)
+    features: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def prepare(cls, timesteps: torch.Tensor, scale, device: torch.device) -> Loop:
+        if not (isinstance(scale, float) and scale == 1.0):
+            scale = torch.as_tensor(scale, dtype=torch.float32).to(device)
+        return cls(timesteps.to(device), scale, device)
+
+    def scale_for(self, frames: list[int]) -> float | torch.Tensor:
+        if isinstance(self.scale, torch.Tensor) and self.scale.ndim == 1:
+            return select_frames(self.scale, frames, 0)
+        return self.scale
+
+    def fuse(self, context: ContextOptions, length: int) -> torch.Tensor:
+        if length not in self.weights:
+            self.weights[length] = fuse_weights(
+                length, context.context_fuse, context.context_overlap, device=self.device
+            )
+        return self.weights[length]
+
+    def image_embeds(self, embeds: IPAdapterEmbeds, frames, rows: int, guided: bool) -> list:
+        key = (tuple(frames), rows, guided)
+        if key not in self.embeds:
+            videos = rows // len(frames) // (2 if guided else 1)
+            self.embeds[key] = embeds.for_frames(frames, videos, guided)
+        return self.embeds[key]
 
 
 def load_image_model(base, personal, vae, loras, lora_scaling: str, adapter) -> ImageModel:
@@ -141,6 +190,16 @@ class AnimationPipeline:
         self.ip_adapter: IPAdapter | None = None
         self.embeddings = TextualInversions(self.text_encoder.config.hidden_size)
         self.motion_release = None  # a recognised few-step release (Lightning, AnimateLCM)
+        self.offload = Offload("none", "cpu", {})
+
+    @property
+    def _offload_groups(self) -> dict[str, list]:
+        controls = [self.sparsectrl, *self.controlnets]
+        return {
+            "text": [self.text_encoder, self.ip_adapter],
+            "vae": [self.vae],
+            "unet": [self.unet, *controls, *self.motion_loras.values(), self.ip_adapter],
+        }
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -163,6 +222,11 @@ class AnimationPipeline:
         scheduler: str = "ddim",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        offload: str = "none",
+        compile: str = "none",
+        cuda_graphs: bool = False,
+        fuse_qkv: bool = False,
+        channels_last: bool = False,
     ) -> AnimationPipeline:
         """Build a pipeline from files.
 
@@ -178,6 +242,8 @@ class AnimationPipeline:
         `image_encoder/` beside the file, where the released ones sit). embeddings:
         textual-inversion files, each used in prompts by its file name. Every file argument may
         also be a Hub id, `repo:file` or an alias (`checkpoints.hub`), downloaded once.
+        offload: "model" or "sequential" keeps weights in RAM (see :meth:`enable_offload`);
+        compile, cuda_graphs, fuse_qkv, channels_last: lossless speed-ups (:meth:`optimize`).
         """
         base, motion_module = resolve_builtin(base, motion_module)
         if motion_module is None:
@@ -201,13 +267,23 @@ class AnimationPipeline:
             ip_file = resolve(ip_adapter, "ip_adapter")
             encoder = resolve(image_encoder or ip_file.parent / "image_encoder", "image_encoder")
             pipe.ip_adapter = load_ip_adapter(ip_file, encoder, image.unet)
-        return pipe.to(device, dtype)
+        pipe.to(device, dtype)
+        pipe.optimize(
+            compile, cuda_graphs=cuda_graphs, fuse_qkv=fuse_qkv, channels_last=channels_last
+        )
+        if offload != "none":
+            pipe.enable_offload(offload, device)
+        return pipe
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        """Move; `dtype` applies to UNet, motion modules and text encoder. In fp16 the VAE stays
-        fp32: SD1.5's VAE overflows in fp16."""
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        modules = [(self.text_encoder, dtype), (self.unet, dtype), (self.vae, vae_dtype)]
+        """Move and cast every model (offloading ends). The VAE takes the same dtype: in fp16
+        a chunk that overflows is decoded again in fp32 (`animatediff.vae`)."""
+        if self.offload.mode == "sequential":
+            raise ValueError("the UNet is streamed (offload sequential): load the pipeline again")
+        if self.offload.mode != "none" and device is None:
+            device = self.offload.device
+        self.offload = Offload("none", "cpu", {})
+        modules = [(self.text_encoder, dtype), (self.unet, dtype), (self.vae, dtype)]
         modules += [(m, dtype) for m in [self.sparsectrl, *self.controlnets] if m is not None]
         for module, dt in modules:
             current = next(module.parameters()).dtype
@@ -228,7 +304,53 @@ class AnimationPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where generation runs (with offloading, where each model is moved to run)."""
+        return self.offload.device if self.offload.mode != "none" else self.unet.device
+
+    # -- memory and speed ----------------------------------------------------------------------
+    def enable_offload(self, mode: str = "model", device: str | torch.device | None = None):
+        """Keep weights in RAM and move each model to `device` (default: the current one) only
+        for its phase: "model" (whole models: the text encoder, the VAE, the UNet with its
+        motion modules and controls), "sequential" (the UNet streamed layer by layer through
+        accelerate: least memory, slowest), "none" (everything back on the device)."""
+        device = torch.device(device) if device is not None else self.device
+        if mode == "none":
+            return self.to(device)
+        if mode == "sequential" and self.ip_adapter is not None:
+            raise ValueError("offload sequential does not support an IP-Adapter; use model")
+        if self.offload.mode == "sequential":
+            raise ValueError("sequential offloading cannot be changed once enabled; load again")
+        if mode == "sequential":
+            self.unet.motion.fuse_projections(False)  # streamed weights cannot stay fused views
+        self.offload = Offload(mode, device, self._offload_groups)
+        return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None):
+        """diffusers' name for `enable_offload("model", device)`."""
+        return self.enable_offload("model", device)
+
+    def enable_sequential_cpu_offload(self, device: str | torch.device | None = None):
+        """diffusers' name for `enable_offload("sequential", device)`."""
+        return self.enable_offload("sequential", device)
+
+    def optimize(
+        self,
+        compile: str = "none",
+        *,
+        cuda_graphs: bool = False,
+        fuse_qkv: bool = False,
+        channels_last: bool = False,
+    ) -> AnimationPipeline:
+        """Lossless speed-ups (each gives the eager result within the dtype's rounding):
+        `compile` "regional" (the repeated blocks) or "full" (one graph per UNet call),
+        `cuda_graphs` (with "full" on CUDA), `fuse_qkv` (fused attention projections, spatial
+        and temporal), `channels_last` (NHWC convolutions)."""
+        if fuse_qkv:
+            speed.fuse_projections(self.unet)
+        if channels_last:
+            speed.channels_last(self.unet)
+        speed.compile_unet(self.unet, compile, cuda_graphs)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -287,11 +409,13 @@ class AnimationPipeline:
         negative = negative_prompt if negative_prompt is not None else ""
         plan = self.plan(prompt, negative, Options.build(settings, options), latents)
         plan = dataclasses.replace(plan, progress=progress, callback=callback)
-        with lora_merged(self.motion_loras.values()), self.ip_adapter_attached(plan):
+        self.offload.activate("unet")
+        with self.generating(plan):
             latents = self.sample(plan)
         if output_type == "latents":
             return latents
-        frames = self.decode(latents, plan.options.output.decode_chunk_size)
+        out = plan.options.output
+        frames = self.decode(latents, out.decode_chunk_size, plan.options.performance.vae_tiling)
         return Video(frames, fps=plan.options.output.fps, info=self.info(prompt, negative, plan))
 
     def plan(
@@ -317,17 +441,19 @@ class AnimationPipeline:
         videos = s.num_videos_per_prompt * prompts
         generator = self.generator(seed)
         noise = self.initial_noise(videos, options, generator, latents)
-        text = self.text(prompt, negative, options, s.guidance_scale > 1.0).to(self.dtype)
+        self.offload.activate("text")
+        text = self.text(prompt, negative, options, s.guidance_scale > 1.0)
+        image_embeds = self.image_embeds(options)
         return Plan(
             options=options,
             scheduler=self.make_scheduler(s),
-            text=text,
+            text=text.to(self.device, self.dtype),
             noise=noise,
             generator=generator,
             controls=tuple(self.controls(options, generator)),
             init=None if init is None else self.init_latents(init, videos, options),
             start_step=0 if init is None else self.start_step(options),
-            image_embeds=self.image_embeds(options),
+            image_embeds=image_embeds,
         )
 
     def with_preset(self, options: Options) -> Options:
@@ -468,6 +594,8 @@ class AnimationPipeline:
                     "control_images need a SparseCtrl encoder: load(..., sparsectrl=PATH)"
                 )
             latent_size = (s.height // self.vae_scale_factor, s.width // self.vae_scale_factor)
+            if self.sparsectrl.latent:
+                self.offload.activate("vae")
             controls.append(
                 sparsectrl_input(
                     self.sparsectrl,
@@ -480,6 +608,7 @@ class AnimationPipeline:
                     self.vae,
                     latent_size,
                     generator,
+                    self.device,
                 )  # fmt: skip
             )
         if c.controlnet_images is not None:
@@ -497,6 +626,43 @@ class AnimationPipeline:
         if self.ip_adapter is None:
             raise OptionError("ip_adapter_images need an IP-Adapter: load(..., ip_adapter=PATH)")
         return self.ip_adapter.embed(reference_images(images), options.sampling.num_frames)
+
+    @contextlib.contextmanager
+    def generating(self, plan: Plan) -> Iterator[None]:
+        """For one generation's sampling: MotionLoRAs merged into the weights (kept as hooks
+        when the UNet is streamed), the IP-Adapter attached, feed-forward chunking set; all
+        undone afterwards."""
+        with contextlib.ExitStack() as stack:
+            if self.offload.mode != "sequential":
+                stack.enter_context(lora_merged(self.motion_loras.values()))
+            stack.enter_context(self.ip_adapter_attached(plan))
+            stack.enter_context(self.ff_chunking(plan))
+            yield
+
+    @contextlib.contextmanager
+    def ff_chunking(self, plan: Plan) -> Iterator[None]:
+        """Feed-forward chunks sized for this generation's UNet calls (`ff_chunks`: 0 sizes
+        them to a memory budget), on the UNet and the controls; exact."""
+        frames = plan.noise.shape[2]
+        ctx = plan.context
+        if ctx is not None and not ctx.context_views:
+            frames = min(frames, ctx.context_length)
+        divides = plan.noise.shape[0] * frames
+        rows = divides * (2 if plan.guided else 1)
+        tokens = plan.noise.shape[-1] * plan.noise.shape[-2]
+        width = 8 * self.unet.unet.config.block_out_channels[0]  # GEGLU at the top level
+        itemsize = torch.finfo(self.dtype).bits // 8
+        chunks = plan.options.performance.ff_chunks
+        chunk = speed.ff_chunk_rows(rows, divides, tokens, width, itemsize, chunks)
+        hosts = [self.unet, *(c.model for c in plan.controls)]
+        previous = self.unet.ff_chunk_rows
+        try:
+            for host in hosts:
+                _set_ff_chunking(host, chunk)
+            yield
+        finally:
+            for host in hosts:
+                _set_ff_chunking(host, previous if host is self.unet else None)
 
     @contextlib.contextmanager
     def ip_adapter_attached(self, plan: Plan) -> Iterator[None]:
@@ -538,6 +704,7 @@ class AnimationPipeline:
         if frames.shape[0] not in (1, videos):
             raise OptionError(f"{frames.shape[0]} init videos for {videos} generated videos")
         chunk = options.output.decode_chunk_size
+        self.offload.activate("vae")
         latents = encode_frames(
             self.vae, frames[:, :, :num_frames].to(self.device), chunk_size=chunk
         )
@@ -563,8 +730,11 @@ class AnimationPipeline:
         t = scheduler.timesteps[plan.start_step : plan.start_step + 1]
         return scheduler.add_noise(plan.init, plan.noise, t.repeat(plan.init.shape[0]))
 
-    def _set_timesteps(self, plan: Plan) -> None:
-        plan.scheduler.set_timesteps(plan.steps, device=self.device)
+    @staticmethod
+    def _set_timesteps(plan: Plan) -> None:
+        # on the host: the scheduler's arithmetic then takes host scalars and never waits for
+        # the device (a device timestep indexing host tables would synchronise every step)
+        plan.scheduler.set_timesteps(plan.steps, device="cpu")
         if plan.start_step and hasattr(plan.scheduler, "set_begin_index"):
             plan.scheduler.set_begin_index(plan.start_step)
 
@@ -595,18 +765,22 @@ class AnimationPipeline:
 
     def denoise(self, latents: torch.Tensor, plan: Plan) -> torch.Tensor:
         """The sampling loop; the generator (continuing the seed's stream) feeds stochastic
-        samplers such as Euler ancestral, so seeded runs repeat exactly."""
+        samplers such as Euler ancestral, so seeded runs repeat exactly. Nothing in a step
+        waits for the device: what the steps need on it is prepared once (:class:`Loop`)."""
         scheduler = plan.scheduler
         self._set_timesteps(plan)
-        timesteps = scheduler.timesteps
+        timesteps = scheduler.timesteps  # on the host
+        scale = as_motion_scale(plan.options.sampling.motion_scale)
+        loop = Loop.prepare(timesteps, scale, self.device)
         steps = range(plan.start_step, len(timesteps))
         guidance = plan.options.sampling.guidance_scale
         for step in tqdm(steps, disable=not plan.progress, desc="denoising"):
             t = timesteps[step]
-            model_input = torch.cat([latents] * 2) if plan.guided else latents
+            guided = plan.guided_at(step)
+            model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.predict(model_input, t, plan, step)
-            if plan.guided:
+            noise = self.predict(model_input, loop.timesteps[step], plan, step, loop, guided)
+            if guided:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance * (cond - uncond)
             latents = scheduler.step(noise, t, latents, generator=plan.generator).prev_sample
@@ -614,44 +788,76 @@ class AnimationPipeline:
                 plan.callback(step + 1 - plan.start_step, len(steps))
         return latents
 
-    def predict(self, sample: torch.Tensor, t, plan: Plan, step: int) -> torch.Tensor:
+    def predict(
+        self, sample: torch.Tensor, t, plan: Plan, step: int, loop: Loop, guided: bool
+    ) -> torch.Tensor:
         """The UNet's prediction for all frames: at once, or window by window fused per frame
         with the context options' weights (before guidance)."""
         frames, context = sample.shape[2], plan.context
-        scale = self.unet.call(frames, plan.options.sampling.motion_scale).scale
+        text = plan.text if guided else plan.text[plan.text.shape[0] // 2 :]
         everything = list(range(frames))
         windows = context_windows(frames, step, plan.steps, context) if context else [everything]
+        run = functools.partial(self.run, t=t, plan=plan, step=step, loop=loop, guided=guided)
         if windows == [everything]:
-            return self.run(sample, t, plan.text, everything, plan, step, scale)
+            return run(sample, text=text, frames=everything)
         if context.context_views:  # image layers see every frame; only the motion modules don't
-            views = [(w, self.fuse(context, len(w), sample.device)) for w in windows]
-            return self.run(sample, t, plan.text, everything, plan, step, scale, views)
+            views = [(w, loop.fuse(context, len(w))) for w in windows]
+            return run(sample, text=text, frames=everything, views=views)
         fused = WindowAccumulator.like(sample)
         for window in windows:
-            sub_text = window_text(plan.text, window, sample.shape[0], frames)
-            sub_scale = scale[window] if isinstance(scale, torch.Tensor) else scale
-            out = self.run(sample[:, :, window], t, sub_text, window, plan, step, sub_scale)
-            fused.add(window, out, self.fuse(context, len(window), sample.device))
+            sub_text = window_text(text, window, sample.shape[0], frames)
+            out = run(select_frames(sample, window), text=sub_text, frames=window)
+            fused.add(window, out, loop.fuse(context, len(window)))
         return fused.result()
 
-    @staticmethod
-    def fuse(context: ContextOptions, length: int, device) -> torch.Tensor:
-        return fuse_weights(length, context.context_fuse, context.context_overlap, device=device)
-
-    def run(self, x, t, text, frames: list[int], plan: Plan, step: int, scale, views=None):
+    def run(
+        self,
+        x,
+        *,
+        t,
+        text,
+        frames: list[int],
+        plan: Plan,
+        step: int,
+        loop: Loop,
+        guided,
+        views=None,
+    ):
         """The UNet plus every control's residuals, on the video's frames `frames`."""
         x = x.to(self.dtype)
         res = total_residuals(plan.controls, x, t, text, frames, step, plan.steps, views)
         extra = res.unet_kwargs(self.dtype) if res else {}
         if plan.image_embeds is not None:
-            videos = x.shape[0] // (2 if plan.guided else 1)
-            embeds = plan.image_embeds.for_frames(frames, videos, plan.guided)
+            embeds = loop.image_embeds(plan.image_embeds, frames, x.shape[0], guided)
             extra["added_cond_kwargs"] = {"image_embeds": embeds}
-        return self.unet(x, t, text, motion_scale=scale, windows=views, **extra).float()
+        kwargs = dict(motion_scale=loop.scale_for(frames), windows=views, **extra)
+        interval = plan.options.performance.deepcache_interval
+        if interval <= 1:
+            return self.unet(x, t, text, **kwargs).float()
+        # DeepCache: the full UNet every `interval` steps, its deep feature reused between
+        key = (tuple(frames), x.shape[0])
+        feature = loop.features.get(key)
+        if feature is None or (step - plan.start_step) % interval == 0:
+            out, loop.features[key] = self.unet(x, t, text, return_deep_feature=True, **kwargs)
+            return out.float()
+        return self.unet(x, t, text, deep_feature=feature, **kwargs).float()
 
-    def decode(self, latents: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
-        """(b, 4, f, h, w) latents -> (b, 3, f, H, W) float32 frames in [0, 1], on the CPU."""
-        return decode_latents(self.vae, latents, chunk_size)
+    def decode(
+        self, latents: torch.Tensor, chunk_size: int = 16, tiling: str = "auto"
+    ) -> torch.Tensor:
+        """(b, 4, f, h, w) latents -> (b, 3, f, H, W) float32 frames in [0, 1], on the CPU
+        (`chunk_size`: at most so many frames per VAE call; `tiling`: auto, on, off)."""
+        self.offload.activate("vae")
+        return decode_latents(self.vae, latents, chunk_size, tiling)
+
+
+def _set_ff_chunking(host, rows: int | None) -> None:
+    if isinstance(host, SparseControlNet):
+        host = host.net
+    if isinstance(host, MotionUNet):
+        host.set_ff_chunking(rows)
+    else:
+        set_ff_chunking(host, rows)
 
 
 def _as_list(x: str | Sequence[str]) -> list[str]:
