@@ -30,10 +30,17 @@ def _sinusoid(num_frames: int, dim: int) -> torch.Tensor:
     return pe
 
 
-@functools.lru_cache(maxsize=256)
 def sinusoidal_encoding(num_frames: int, dim: int, device=None, dtype=None) -> torch.Tensor:
     """(num_frames, dim) encoding: sin on even channels, cos on odd ones (as released).
-    Cached per device and dtype: treat the result as read-only."""
+    Cached per device and dtype: treat the result as read-only. Under torch.compile it is
+    computed in the graph (the same operations: a cache cannot be traced)."""
+    if torch.compiler.is_compiling():
+        return _sinusoid.__wrapped__(num_frames, dim).to(device=device, dtype=dtype)
+    return _encoding(num_frames, dim, device, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _encoding(num_frames: int, dim: int, device, dtype) -> torch.Tensor:
     return _sinusoid(num_frames, dim).to(device=device, dtype=dtype)
 
 
@@ -117,11 +124,7 @@ class FeedForward(nn.Module):
             [GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)]
         )
 
-    def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
-        """x: (tokens, ..., dim); with `chunks` > 1 the tokens go through in that many pieces
-        (each token alone decides its output: the same result, a smaller peak)."""
-        if chunks > 1 and x.shape[0] > 1:
-            return torch.cat([self.forward(part) for part in x.chunk(chunks)])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
             x = layer(x)
         return x
@@ -137,10 +140,10 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, ff_chunks: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for attention, norm in zip(self.attention_blocks, self.norms):
             x = attention(norm(x)) + x
-        return self.ff(self.ff_norm(x), ff_chunks) + x
+        return self.ff(self.ff_norm(x)) + x
 
 
 class TemporalTransformer(nn.Module):
@@ -157,9 +160,11 @@ class TemporalTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(inner, channels)
 
-    def forward(self, x: torch.Tensor, num_frames: int, ff_chunks: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, chunks: int = 1) -> torch.Tensor:
         """x: ((b f), c, h, w) with frames folded into the batch; returns the same shape (and
-        memory format). `ff_chunks`: feed-forward pieces (see :class:`FeedForward`)."""
+        memory format). `chunks` > 1: the positions go through the transformer blocks in that
+        many pieces (attention is across frames, every other layer per token: the same result,
+        a smaller peak of activations)."""
         bf, c, h, w = x.shape
         b = bf // num_frames
         residual = x
@@ -167,10 +172,15 @@ class TemporalTransformer(nn.Module):
         # Every layer but attention acts per token, so regroup once to (b h w, f, c) for all
         # blocks instead of around each attention as the official code does; same result.
         x = x.view(b, num_frames, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, num_frames, c)
-        x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, ff_chunks)
-        x = self.proj_out(x)
+        if chunks > 1 and x.shape[0] > 1:
+            out = torch.empty_like(x)
+            start = 0
+            for part in x.chunk(chunks):
+                out[start : start + part.shape[0]] = self._positions(part)
+                start += part.shape[0]
+            x = out
+        else:
+            x = self._positions(x)
         # The input's layout: contiguous (a channels-last-strided result reaching a GroupNorm
         # crashes its CPU backward kernel in some PyTorch versions), or channels-last when the
         # UNet runs channels-last.
@@ -181,6 +191,13 @@ class TemporalTransformer(nn.Module):
         else:
             x = x.permute(0, 3, 4, 1, 2).reshape(bf, c, h, w).contiguous()
         return x + residual
+
+    def _positions(self, x: torch.Tensor) -> torch.Tensor:
+        """(positions, frames, c) -> the same: projection in, transformer blocks, out."""
+        x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x)
+        return self.proj_out(x)
 
 
 class TemporalModule(nn.Module):
@@ -193,8 +210,8 @@ class TemporalModule(nn.Module):
             nn.init.zeros_(self.temporal_transformer.proj_out.weight)
             nn.init.zeros_(self.temporal_transformer.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int, ff_chunks: int = 1) -> torch.Tensor:
-        return self.temporal_transformer(x, num_frames, ff_chunks)
+    def forward(self, x: torch.Tensor, num_frames: int, chunks: int = 1) -> torch.Tensor:
+        return self.temporal_transformer(x, num_frames, chunks)
 
 
 def _channels_last(x: torch.Tensor) -> bool:

@@ -41,7 +41,7 @@ class MotionCall:
     scale: float | torch.Tensor = 1.0  # a float, a 0-d tensor, or one value per frame (f,)
     windows: tuple[FrameWindow, ...] | None = None
     checkpoint: bool = False  # recompute motion modules in backward (training)
-    ff_chunks: int = 1  # feed-forward pieces in the motion modules
+    chunks: int = 1  # pieces the motion modules split their positions into (memory)
 
 
 class MotionUNet(nn.Module):
@@ -89,8 +89,8 @@ class MotionUNet(nn.Module):
         """Run every feed-forward layer in pieces of `rows` images of the folded batch (frames
         x videos; None: whole). The image layers' transformer blocks chunk along that batch
         (diffusers' `set_chunk_feed_forward`, so calls must have a multiple of `rows` images);
-        the motion modules split their positions into as many pieces. Exact: a smaller peak
-        of activations, the same result."""
+        the motion modules run their transformer blocks on their positions in as many pieces.
+        Exact: a smaller peak of activations, the same result."""
         if rows is not None and rows < 1:
             raise ValueError(f"ff chunk rows must be >= 1, got {rows}")
         set_ff_chunking(self.unet, rows)
@@ -155,7 +155,7 @@ class MotionUNet(nn.Module):
         x = self.mid(x, ctx)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
-        x, feature = self.up(x, skips, ctx)
+        x, feature = self.up(x, skips, ctx, keep_feature=return_deep_feature)
         out = unfold_frames(self._out(x, call), f)
         return (out, feature) if return_deep_feature else out
 
@@ -175,8 +175,7 @@ class MotionUNet(nn.Module):
             skips.append(x)
         if residuals is not None:
             skips = [s + r for s, r in zip(skips, residuals)]
-        last = len(self.unet.up_blocks) - 1
-        return self._up_block(last, feature, skips, ctx, None)
+        return self.up(feature, skips, ctx, start=len(self.unet.up_blocks) - 1)[0]
 
     # -- the blocks ------------------------------------------------------------------------------
     def down(self, x: torch.Tensor, ctx: BlockInputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -205,32 +204,35 @@ class MotionUNet(nn.Module):
         return x
 
     def up(
-        self, x: torch.Tensor, skips: list[torch.Tensor], ctx: BlockInputs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The up blocks, consuming the skip connections from the last; returns the output and
-        the input of the last up block (DeepCache's cached feature)."""
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        ctx: BlockInputs,
+        start: int = 0,
+        keep_feature: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The up blocks from `start`, consuming the skip connections from the last; returns
+        the output and, with `keep_feature`, the last up block's input (DeepCache's feature).
+        One frame holds the hidden state, so each intermediate is freed as soon as it is used."""
         # diffusers' rule: latents not divisible by the total upsampling get explicit sizes
-        factor = 2**self.unet.num_upsamplers
-        odd_size = any(s % factor for s in skips[0].shape[-2:])
+        odd_size = any(s % 2**self.unet.num_upsamplers for s in skips[0].shape[-2:])
         last = len(self.unet.up_blocks) - 1
-        feature = x
-        for i in range(last + 1):
-            feature, size = x, None
+        feature = None
+        for i in range(start, last + 1):
+            block, modules = self.unet.up_blocks[i], self._modules_per_block["up"][i]
+            feature = x if keep_feature and i == last else feature
+            size = None
             if odd_size and i < last:  # the skip after this block's own
-                size = skips[-1 - len(self.unet.up_blocks[i].resnets)].shape[2:]
-            x = self._up_block(i, x, skips, ctx, size)
+                size = skips[-1 - len(block.resnets)].shape[2:]
+            for resnet, attention, module in _layers(block, modules):
+                x = torch.cat([x, skips.pop()], dim=1)
+                x = self._resnet(resnet, x, ctx)
+                if attention is not None:
+                    x = self._attend(attention, x, ctx)
+                x = self._motion(module, x, ctx.call)
+            for upsampler in block.upsamplers or []:
+                x = upsampler(x, size)
         return x, feature
-
-    def _up_block(
-        self, i: int, x, skips: list[torch.Tensor], ctx: BlockInputs, size
-    ) -> torch.Tensor:
-        block, modules = self.unet.up_blocks[i], self._modules_per_block["up"][i]
-        for resnet, attention, module in _layers(block, modules):
-            x = torch.cat([x, skips.pop()], dim=1)
-            x = self._layer(resnet, attention, module, x, ctx)
-        for upsampler in block.upsamplers or []:
-            x = upsampler(x, size)
-        return x
 
     def _layer(self, resnet, attention, module, x: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
         x = self._resnet(resnet, x, ctx)
@@ -266,7 +268,7 @@ class MotionUNet(nn.Module):
         elif call.checkpoint:
             out = torch.utils.checkpoint.checkpoint(module, x, call.num_frames, use_reentrant=False)
         else:
-            out = module(x, call.num_frames, call.ff_chunks)
+            out = module(x, call.num_frames, call.chunks)
         return scale_motion(x, out, call.scale)
 
     @staticmethod
@@ -274,7 +276,7 @@ class MotionUNet(nn.Module):
         video = unfold_frames(x, call.num_frames)
         fused = WindowAccumulator.like(video)
         for indices, weights in call.windows:
-            part = module(fold_frames(select_frames(video, indices)), len(indices), call.ff_chunks)
+            part = module(fold_frames(select_frames(video, indices)), len(indices), call.chunks)
             fused.add(indices, unfold_frames(part, len(indices)), weights)
         return fold_frames(fused.result().to(x.dtype))
 
