@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "official_tiny"
 RESULT_MARKER = "BENCH_RESULT "
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_SIZE = {"tiny": 128, "sd15-random": 512}
+DEFAULT_SIZE = {"tiny": 128, "sd15-random": 512, "builtin": 64}
 
 
 # -- arguments -------------------------------------------------------------------------------
@@ -50,11 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",
-        choices=["tiny", "sd15-random"],
+        choices=["tiny", "sd15-random", "builtin"],
         default="tiny",
         help="tiny: tests/data/official_tiny (base + mm_v2.ckpt, 128x128); "
         "sd15-random: SD1.5-shaped UNet/VAE/CLIP and a v2 motion module with "
-        "random weights (ignored with --base)",
+        "random weights; builtin: the package's own trained model (64x64) (ignored with --base)",
     )
     p.add_argument("--base", help="a diffusers SD1.5 folder (real weights); needs --motion-module")
     p.add_argument("--motion-module", help="a motion-module file for --base (any layout)")
@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workdir", help="where to put temporary weights and videos (default: system tmp)"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument(
+        "--compile", choices=["none", "regional", "full"], default="none", help="ours: compile"
+    )
+    p.add_argument("--fuse-qkv", action="store_true", help="ours: fused q/k/v projections")
+    p.add_argument("--channels-last", action="store_true", help="ours: channels-last UNet")
     p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -89,9 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.steps < 1 or args.frames < 1:
         p.error("--repeats, --steps and --frames must be positive")
     if args.size is None:
-        args.size = DEFAULT_SIZE[
-            "tiny" if args.base is None and args.model == "tiny" else "sd15-random"
-        ]
+        args.size = DEFAULT_SIZE["sd15-random" if args.base is not None else args.model]
     if args.size % 8:
         p.error("--size must be a multiple of 8")
     return args
@@ -101,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace, work: Path) -> dict:
     """Paths of the weights both pipelines load: base folder, our motion-module file, the same
     module as a diffusers `MotionAdapter` folder; and the shared initial latents."""
+    from animatediff.builtin.model import builtin_model
     from animatediff.checkpoints.motion import load_motion_module, save_motion_module
 
     t0 = time.perf_counter()
@@ -109,6 +113,10 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
         motion = load_motion_module(motion_file, version=args.motion_version)
     elif args.model == "tiny":
         base, motion_file = TINY / "base", TINY / "mm_v2.ckpt"
+        motion = load_motion_module(motion_file, version=args.motion_version)
+    elif args.model == "builtin":
+        model = builtin_model()
+        base, motion_file = Path(model.base), Path(model.motion_module)
         motion = load_motion_module(motion_file, version=args.motion_version)
     else:
         base, motion_file, motion = build_sd15_random(work)
@@ -135,6 +143,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
         out=str(work),
         latent_shape=list(shape),
         prepare_s=time.perf_counter() - t0,
+        compile=args.compile,
+        fuse_qkv=args.fuse_qkv,
+        channels_last=args.channels_last,
     )
 
 
@@ -225,6 +236,9 @@ def load_ours(spec: dict, device: str, dtype: torch.dtype):
         motion_version=spec["motion_version_override"],
         device=device,
         dtype=dtype,
+        compile=spec["compile"],
+        fuse_qkv=spec["fuse_qkv"],
+        channels_last=spec["channels_last"],
     )
     return pipe, pipe.unet
 

@@ -106,7 +106,9 @@ def estimate(args: argparse.Namespace) -> dict:
     with torch.no_grad(), fused_sdpa():
         tracker = PeakMemory()
         with tracker:
-            denoised = pipe("a boy playing guitar", latents=latents, output_type="latents", **settings)
+            denoised = pipe(
+                "a boy playing guitar", latents=latents, output_type="latents", **settings
+            )
         denoise_peak = tracker.peak
         decode_peak, per_call, tiled = _decode_peak(pipe, denoised, args)
     resident = _resident(weights, args.offload)

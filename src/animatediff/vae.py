@@ -23,6 +23,7 @@ BUDGET = 512 * 2**20  # bytes of activations one VAE call may take (estimated), 
 PEAK_FACTOR = 3
 
 
+@torch.no_grad()
 def encode_frames(
     vae: AutoencoderKL,
     frames: torch.Tensor,
@@ -44,6 +45,7 @@ def encode_frames(
     return flat.view(b, f, *flat.shape[1:]).transpose(1, 2)
 
 
+@torch.no_grad()
 def decode_latents(
     vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 16, tiling: str = "auto"
 ) -> torch.Tensor:
@@ -62,6 +64,7 @@ def decode_latents(
     return (video / 2 + 0.5).clamp(0, 1)
 
 
+@torch.no_grad()
 def decode_chunk(vae: AutoencoderKL, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """Unscaled latents (n, 4, h, w) -> pixels (n, 3, H, W) in [-1, 1] on the VAE's device,
     moved and cast there first; fp16 overflow recomputed in fp32."""

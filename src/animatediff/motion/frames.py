@@ -57,11 +57,15 @@ def per_frame_inputs(
     batch: int,
     num_frames: int,
     device: torch.device,
+    shared_text: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timestep and text for frames folded into the batch."""
+    """Timestep and text for frames folded into the batch (`shared_text`: text given per video
+    stays so, for attention that shares it across frames)."""
     timestep = torch.as_tensor(timestep, device=device)
     if timestep.ndim == 1 and timestep.shape[0] == batch:
         timestep = timestep.repeat_interleave(num_frames)
+    if shared_text and encoder_hidden_states.shape[0] == batch:
+        return timestep, encoder_hidden_states
     return timestep, per_frame(encoder_hidden_states, batch, num_frames)
 
 

@@ -6,7 +6,9 @@ runs a motion module where the official UNet3D calls one: after each resnet (+ a
 down and up blocks and, for v2, between the mid block's attention and its second resnet. The 2D
 model's weights, module tree and state dict are never touched, and everything that varies per
 call (frame count, motion scale, frame windows) is an argument of `forward`, so the model can be
-called re-entrantly and traced as one graph.
+called re-entrantly and traced as one graph. Its cross-attention processors are wrapped (undone
+by `remove()`) so that text shared by a video's frames is projected once per video, not once per
+frame (:class:`SharedTextAttention`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class MotionUNet(nn.Module):
         self.ff_chunk_rows: int | None = None  # see set_ff_chunking
         self._check_layout()
         self._modules_per_block = _motion_sites(motion)
+        self._cross = [m for m in unet.modules() if getattr(m, "is_cross_attention", False)]
+        share_text_attention(unet)
 
     @property
     def config(self) -> MotionModuleConfig:
@@ -82,8 +86,15 @@ class MotionUNet(nn.Module):
             )
 
     def remove(self) -> UNet2DConditionModel:
-        """The 2D UNet, exactly as it was (nothing was attached to it)."""
+        """The 2D UNet, exactly as it was (its cross-attention processors unwrapped)."""
+        share_text_attention(self.unet, False)
         return self.unet
+
+    def _shares_text(self) -> bool:
+        """Whether text can stay one row per video: every cross-attention processor takes it."""
+        return self.unet.encoder_hid_proj is None and all(
+            isinstance(m.processor, SharedTextAttention) for m in self._cross
+        )
 
     def set_ff_chunking(self, rows: int | None) -> None:
         """Run every feed-forward layer in pieces of `rows` images of the folded batch (frames
@@ -139,7 +150,8 @@ class MotionUNet(nn.Module):
         """
         b, _, f, _, _ = sample.shape
         call = self.call(f, motion_scale, windows, b * f)
-        t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device)
+        shared = self._shares_text()
+        t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device, shared)
         unet = self.unet
         x = fold_frames(sample)
         emb = time_embedding(unet, x, t)
@@ -289,6 +301,43 @@ class BlockInputs:
     text: torch.Tensor | tuple  # cross-attention input (a tuple with IP-Adapter tokens)
     cross_attention_kwargs: dict | None
     call: MotionCall
+
+
+class SharedTextAttention:
+    """A cross-attention processor wrapper for text shared by the frames of a video: hidden
+    states `((b f), n, c)` with text `(b, m, d)` attend as `(b, f n, c)` (a view), so the key
+    and value projections run once per video instead of once per frame; every query still
+    attends to the same keys: the same result. Other shapes go to the wrapped processor as
+    they are."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+        **kwargs,
+    ):  # fmt: skip
+        text = encoder_hidden_states
+        if text is not None and hidden_states.ndim == 3 and attention_mask is None:
+            rows, videos = hidden_states.shape[0], text.shape[0]
+            if rows != videos and rows % videos == 0:
+                n, c = hidden_states.shape[1:]
+                folded = hidden_states.reshape(videos, rows // videos * n, c)
+                out = self.inner(attn, folded, text, None, temb, **kwargs)
+                return out.reshape(rows, n, out.shape[-1])
+        return self.inner(attn, hidden_states, text, attention_mask, temb, **kwargs)
+
+
+def share_text_attention(model: nn.Module, share: bool = True) -> None:
+    """Wrap (or unwrap) every cross-attention processor of `model` in SharedTextAttention."""
+    for module in model.modules():
+        if not getattr(module, "is_cross_attention", False):
+            continue
+        processor = module.processor
+        if share and not isinstance(processor, SharedTextAttention):
+            module.set_processor(SharedTextAttention(processor))
+        elif not share and isinstance(processor, SharedTextAttention):
+            module.set_processor(processor.inner)
 
 
 def _layers(block: nn.Module, modules: list):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..motion.unet import MotionUNet
+from ..motion.unet import MotionUNet, share_text_attention
 from ..options import COMPILE_MODES
 
 # The blocks regional compilation compiles: each class is traced once per input shape and the
@@ -16,24 +16,27 @@ REPEATED = ("BasicTransformerBlock", "ResnetBlock2D", "TemporalModule")
 FF_BUDGET = 256 * 2**20  # bytes of feed-forward activations per chunk (auto chunking)
 
 
-def compile_unet(unet: MotionUNet, mode: str, cuda_graphs: bool = False) -> None:
+def compile_unet(
+    unet: MotionUNet, mode: str, cuda_graphs: bool = False, backend: str = "inductor"
+) -> None:
     """`regional`: compile every repeated block (compiles in seconds to a minute); `full`: one
     graph per UNet call (`fullgraph=True`), replayed as CUDA graphs when `cuda_graphs` (fixed
-    shapes; CUDA only)."""
+    shapes; CUDA only). `backend`: torch.compile's (tests trace with "eager")."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
     if mode == "none":
         return
-    # every shape and block class is one entry; the default limit (8) is for one function
+    # every block class and shape is one entry; the default limit (8) is meant for one function
     limits = torch._dynamo.config
     limits.cache_size_limit = max(limits.cache_size_limit, 64)
+    options = dict(fullgraph=True, dynamic=False, backend=backend)
     if mode == "full":
         graphs = cuda_graphs and unet.device.type == "cuda"
-        unet.compile(fullgraph=True, dynamic=False, mode="reduce-overhead" if graphs else None)
+        unet.compile(**options, mode="reduce-overhead" if graphs else None)
         return
     for module in unet.modules():
         if type(module).__name__ in REPEATED:
-            module.compile(fullgraph=True, dynamic=False)
+            module.compile(**options)
 
 
 def fuse_projections(unet: MotionUNet) -> None:
@@ -41,7 +44,8 @@ def fuse_projections(unet: MotionUNet) -> None:
     `fuse_qkv_projections`; the separate weights then view the fused ones, so memory does not
     grow) and the motion modules' temporal attention."""
     image = unet.unet
-    image.fuse_qkv_projections()
+    image.fuse_qkv_projections()  # sets its fused processors everywhere: share text again
+    share_text_attention(image)
     with torch.no_grad():
         for module in image.modules():
             _alias_fused(module)
