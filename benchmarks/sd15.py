@@ -52,28 +52,45 @@ TEXT = dict(
 )
 
 
+# The same layout with few channels, for checking the benchmarks on a CPU.
+MINI = dict(
+    unet=dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64, norm_num_groups=8),
+    vae=dict(block_out_channels=(32, 64, 64, 64), norm_num_groups=8),
+    text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              projection_dim=64),
+    motion=dict(block_out_channels=(32, 64, 128, 128), norm_num_groups=8),
+)  # fmt: skip
+
+
 def tokenizer() -> CLIPTokenizer:
     """The tiny test tokenizer (its ids are a subset of SD1.5's 49,408)."""
     return CLIPTokenizer.from_pretrained(TOKENIZER)
 
 
-def build(device: str | torch.device, dtype: torch.dtype, seed: int = 0, version: str = "v2"):
-    """(ImageModel, MotionModules) with SD1.5's shapes, initialised on `device` from `seed`
-    (the same numbers on the same kind of device every time); the motion modules' output
-    projections random (not zero), so they act."""
+def build(
+    device: str | torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    version: str = "v2",
+    arch: str = "sd15",
+):
+    """(ImageModel, MotionModules) with SD1.5's shapes (`arch="mini"`: few channels), made on
+    `device` from `seed` (the same numbers on the same kind of device every time); the motion
+    modules' output projections random (not zero), so they act."""
+    small = MINI if arch == "mini" else dict(unet={}, vae={}, text={}, motion={})
     torch.manual_seed(seed)
     tok = tokenizer()
     text_cfg = CLIPTextConfig(
-        **TEXT,
+        **{**TEXT, **small["text"]},
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     with torch.device(device):
-        unet = UNet2DConditionModel(**UNET)
-        vae = AutoencoderKL(**VAE)
+        unet = UNet2DConditionModel(**{**UNET, **small["unet"]})
+        vae = AutoencoderKL(**{**VAE, **small["vae"]})
         text = CLIPTextModel(text_cfg)
-        motion = MotionModules(MotionModuleConfig.preset(version))
+        motion = MotionModules(MotionModuleConfig.preset(version, **small["motion"]))
     if torch.device(device).type != "meta":
         with torch.no_grad():
             for _, module in motion.named_temporal_modules():
@@ -82,7 +99,7 @@ def build(device: str | torch.device, dtype: torch.dtype, seed: int = 0, version
                 torch.nn.init.normal_(proj.bias, std=0.02)
     for m in (unet, vae, text, motion):
         m.to(dtype=dtype).eval().requires_grad_(False)
-    return ImageModel(tok, text, vae, unet, source="sd15-random"), motion
+    return ImageModel(tok, text, vae, unet, source=f"{arch}-random"), motion
 
 
 def ours(image: ImageModel, motion: MotionModules) -> AnimationPipeline:

@@ -191,6 +191,7 @@ class AnimationPipeline:
         self.embeddings = TextualInversions(self.text_encoder.config.hidden_size)
         self.motion_release = None  # a recognised few-step release (Lightning, AnimateLCM)
         self.offload = Offload("none", "cpu", {})
+        self.cuda_graphs = False  # set by optimize()
 
     @property
     def _offload_groups(self) -> dict[str, list]:
@@ -350,6 +351,7 @@ class AnimationPipeline:
         if channels_last:
             speed.channels_last(self.unet)
         speed.compile_unet(self.unet, compile, cuda_graphs)
+        self.cuda_graphs = cuda_graphs and compile == "full" and self.device.type == "cuda"
         return self
 
     @property
@@ -831,14 +833,25 @@ class AnimationPipeline:
             embeds = loop.image_embeds(plan.image_embeds, frames, x.shape[0], guided)
             extra["added_cond_kwargs"] = {"image_embeds": embeds}
         kwargs = dict(motion_scale=loop.scale_for(frames), windows=views, **extra)
+        return self.call_unet(
+            x, t, text, kwargs, (tuple(frames), step - plan.start_step), plan, loop
+        )
+
+    def call_unet(self, x, t, text, kwargs: dict, where: tuple, plan: Plan, loop: Loop):
+        """One UNet call (`where`: the frames and the step counted from the first run), float32
+        out. DeepCache: the whole UNet every `deepcache_interval` steps, its deep feature reused
+        between, per window."""
+        if self.cuda_graphs:  # the previous call's outputs are consumed: replay over them
+            torch.compiler.cudagraph_mark_step_begin()
         interval = plan.options.performance.deepcache_interval
         if interval <= 1:
             return self.unet(x, t, text, **kwargs).float()
-        # DeepCache: the full UNet every `interval` steps, its deep feature reused between
-        key = (tuple(frames), x.shape[0])
+        frames, step = where
+        key = (frames, x.shape[0])
         feature = loop.features.get(key)
-        if feature is None or (step - plan.start_step) % interval == 0:
-            out, loop.features[key] = self.unet(x, t, text, return_deep_feature=True, **kwargs)
+        if feature is None or step % interval == 0:
+            out, feature = self.unet(x, t, text, return_deep_feature=True, **kwargs)
+            loop.features[key] = feature.clone()  # a graph replay would overwrite it
             return out.float()
         return self.unet(x, t, text, deep_feature=feature, **kwargs).float()
 
