@@ -318,7 +318,7 @@ class SharedTextAttention:
         **kwargs,
     ):  # fmt: skip
         text = encoder_hidden_states
-        if text is not None and hidden_states.ndim == 3 and attention_mask is None:
+        if isinstance(text, torch.Tensor) and hidden_states.ndim == 3 and attention_mask is None:
             rows, videos = hidden_states.shape[0], text.shape[0]
             if rows != videos and rows % videos == 0:
                 n, c = hidden_states.shape[1:]
@@ -328,13 +328,19 @@ class SharedTextAttention:
         return self.inner(attn, hidden_states, text, attention_mask, temb, **kwargs)
 
 
+# The processors whose only inputs are hidden states and text (others, e.g. IP-Adapter's, take
+# more, by keyword: they stay as they are, and text then goes per frame).
+PLAIN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "FusedAttnProcessor2_0")
+
+
 def share_text_attention(model: nn.Module, share: bool = True) -> None:
-    """Wrap (or unwrap) every cross-attention processor of `model` in SharedTextAttention."""
+    """Wrap (or unwrap) every plain cross-attention processor of `model` in
+    SharedTextAttention."""
     for module in model.modules():
         if not getattr(module, "is_cross_attention", False):
             continue
         processor = module.processor
-        if share and not isinstance(processor, SharedTextAttention):
+        if share and type(processor).__name__ in PLAIN_PROCESSORS:
             module.set_processor(SharedTextAttention(processor))
         elif not share and isinstance(processor, SharedTextAttention):
             module.set_processor(processor.inner)
