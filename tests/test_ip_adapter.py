@@ -280,7 +280,9 @@ def test_scale_zero_is_exactly_without_adapter(attached):
     ip.scale = 0.0
     off = model(x, t, text, added_cond_kwargs={"image_embeds": embeds})
     ip.detach()
-    assert torch.equal(off, model(x, t, text))
+    # equal up to rounding: without the adapter, text shared by the frames is projected once
+    # per video (MotionUNet's SharedTextAttention), with it once per frame
+    assert rel_err(off, model(x, t, text)) < 1e-4
     assert max_diff(with_adapter, off) > 1e-3
 
 
@@ -477,7 +479,7 @@ def test_pipeline_with_ip_adapter(adapters, encoder_dir, tmp_path):
     steered = pipe("a boy", ip_adapter_images=ref, **run).frames
     assert (steered - plain).abs().max() > 1e-3
     off = pipe("a boy", ip_adapter_images=ref, ip_adapter_scale=0.0, **run).frames
-    assert torch.equal(off, plain)
+    assert (off - plain).abs().max() < 1e-5  # rounding: text per frame with it, per video without
     assert torch.equal(pipe("a boy", **run).frames, plain)
     windowed = pipe("a boy", ip_adapter_images=[image(i) for i in range(6)], context_length=4,
                     context_overlap=2, **run)  # fmt: skip

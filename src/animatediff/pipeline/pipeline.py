@@ -129,11 +129,12 @@ class Loop:
             )
         return self.weights[length]
 
-    def image_embeds(self, embeds: IPAdapterEmbeds, frames, rows: int, guided: bool) -> list:
-        key = (tuple(frames), rows, guided)
+    def image_embeds(self, embeds: IPAdapterEmbeds, frames, batch: int, guided: bool) -> list:
+        """The IP-Adapter's rows for these frames of a batch of `batch` videos (doubled by
+        guidance), made once per pass."""
+        key = (tuple(frames), batch, guided)
         if key not in self.embeds:
-            videos = rows // len(frames) // (2 if guided else 1)
-            self.embeds[key] = embeds.for_frames(frames, videos, guided)
+            self.embeds[key] = embeds.for_frames(frames, batch // (2 if guided else 1), guided)
         return self.embeds[key]
 
 
