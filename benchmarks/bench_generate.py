@@ -539,8 +539,8 @@ def report(args, spec, ours: dict, theirs: dict, cuda: bool) -> None:
         )
     if args.dtype == "fp16":
         print(
-            "note: in fp16 ours keeps the VAE in fp32 (SD1.5's VAE overflows in fp16); "
-            "diffusers' pipeline is all fp16"
+            "note: in fp16 ours decodes in fp16 and decodes a chunk that overflows again in "
+            "fp32; diffusers' pipeline is all fp16"
         )
     print(f"load average at end: {load_average()}")
 

@@ -148,6 +148,19 @@ def test_sparsectrl_condition_is_embedded_once(load_case, expected):
     assert len(calls) == 1
 
 
+def test_controlnet_condition_is_embedded_once():
+    cn_pipe = AnimationPipeline.load()
+    net = ControlNetModel.from_unet(  # two downsamplings: the built-in VAE's factor, 4
+        cn_pipe.unet.unet, conditioning_embedding_out_channels=(16, 32, 96)
+    ).eval()
+    cn_pipe.controlnets = [net]
+    calls = []
+    net.controlnet_cond_embedding.register_forward_hook(lambda *a: calls.append(1))
+    images = torch.rand(1, 3, 6, 64, 64)
+    run(cn_pipe, controlnet_images=images, context_length=4, context_overlap=2)
+    assert len(calls) == 1  # 3 steps x 2 windows, one embedding of all 6 frames
+
+
 def test_controlnet_forward_matches_diffusers(pipe):
     torch.manual_seed(0)
     net = ControlNetModel.from_unet(pipe.unet.unet, load_weights_from_unet=True).eval()
