@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the compilation of `optimised` and `windowed`")  # fmt: skip
     p.add_argument("--budget", type=float, default=450, help="seconds; later variants skipped")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU checks)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -384,7 +385,9 @@ def table(rows: list[dict], cuda: bool) -> str:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    args.argv = [a for a in argv]
+    args.argv = list(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         if args.worker == "matmul":
             print(MARK + json.dumps(matmul_tflops(args)), flush=True)
@@ -434,7 +437,7 @@ def main(argv=None) -> None:
     (out / "bench_gpu.md").write_text(f"{lines}\n\n{markdown}\n")
     print("\n" + markdown)
     print(
-        f"\nmatmul: {matmul.get('tflops', 0):.1f} TFLOP/s ({matmul.get('dtype')}, n={matmul.get('n')})"
+        f"\nmatmul: {matmul.get('tflops', 0):.3g} TFLOP/s ({matmul.get('dtype')}, n={matmul.get('n')})"
     )
     print(f"FLOPs per generation: clip {flops['clip']['total'] / 1e12:.1f} T, windowed "
           f"{flops['windowed']['total'] / 1e12:.1f} T ({windows} windows); wall "
