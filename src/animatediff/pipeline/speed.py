@@ -11,17 +11,20 @@ from ..motion.unet import MotionUNet, share_text_attention
 from ..options import COMPILE_MODES
 
 # The blocks regional compilation compiles: each class is traced once per input shape and the
-# graph reused by every instance (parameters are graph inputs).
-REPEATED = ("BasicTransformerBlock", "ResnetBlock2D", "TemporalModule")
+# graph reused by every instance (parameters are graph inputs). The transformers, as diffusers'
+# `compile_repeated_blocks` does for the UNet: resnets (many channel pairs, each its own graph)
+# would multiply the compile time for little (their convolutions are cuDNN's either way).
+REPEATED = ("BasicTransformerBlock", "TemporalModule")
 FF_BUDGET = 256 * 2**20  # bytes of feed-forward activations per chunk (auto chunking)
 
 
 def compile_unet(
     unet: MotionUNet, mode: str, cuda_graphs: bool = False, backend: str = "inductor"
 ) -> None:
-    """`regional`: compile every repeated block (compiles in seconds to a minute); `full`: one
-    graph per UNet call (`fullgraph=True`), replayed as CUDA graphs when `cuda_graphs` (fixed
-    shapes; CUDA only). `backend`: torch.compile's (tests trace with "eager")."""
+    """`regional`: compile the repeated transformer blocks (a few graphs, one per block shape,
+    shared by every instance: a short compile); `full`: one graph per UNet call
+    (`fullgraph=True`), replayed as CUDA graphs when `cuda_graphs` (fixed shapes; CUDA only).
+    `backend`: torch.compile's (tests trace with "eager")."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
     if mode == "none":
