@@ -110,18 +110,33 @@ def meta_pipe():
     return AnimationPipeline.load().to("meta")
 
 
+SLOW = pytest.mark.slow  # many windows: 20-30 s on a shared 2-core CPU
+
+
 @pytest.mark.parametrize(
     "settings",
     [
-        {},
-        dict(context_length=4, context_overlap=1, context_schedule="uniform", context_stride=2),
-        dict(context_length=4, context_overlap=2, context_schedule="looped"),
-        dict(context_length=4, context_overlap=2, context_views=True, motion_scale=[0.5] * 8),
-        dict(motion_scale=0.7, guidance_end=0.5, deepcache_interval=2),
-        dict(scheduler="euler_a"),
-        dict(scheduler="dpmpp_2m_karras"),
+        pytest.param({}, id="plain"),
+        pytest.param(
+            dict(context_length=4, context_overlap=1, context_schedule="uniform", context_stride=2),
+            id="uniform-windows",
+            marks=SLOW,
+        ),
+        pytest.param(
+            dict(context_length=4, context_overlap=2, context_schedule="looped"),
+            id="looped",
+            marks=SLOW,
+        ),
+        pytest.param(
+            dict(context_length=4, context_overlap=2, context_views=True, motion_scale=[0.5] * 8),
+            id="views",
+        ),
+        pytest.param(
+            dict(motion_scale=0.7, guidance_end=0.5, deepcache_interval=2), id="approximations"
+        ),
+        pytest.param(dict(scheduler="euler_a"), id="euler_a"),
+        pytest.param(dict(scheduler="dpmpp_2m_karras"), id="dpmpp"),
     ],
-    ids=["plain", "uniform-windows", "looped", "views", "approximations", "euler_a", "dpmpp"],
 )
 def test_denoising_loop_never_waits_for_the_device(meta_pipe, settings):
     reads = HostReads()
