@@ -115,7 +115,7 @@ def diffusers_pipeline(image, motion, device: str):
             scheduler=DDIMScheduler(**SCHEDULE),
         )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device=device, dtype=image.unet.dtype)  # UNetMotionModel starts in fp32
 
 
 # -- timing ------------------------------------------------------------------------------------
