@@ -64,7 +64,8 @@ class SparseControlNet(nn.Module):
         `condition` and `mask` (b, c, f, h, w), or already through the condition embedding
         (`embedded`, frames folded: see :meth:`embed`), which does not change between steps."""
         b, _, f, _, _ = sample.shape
-        t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device)
+        shared = self.net.shares_text()  # text per video: projected once per video
+        t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device, shared)
         host = self.net.unet
         x = torch.zeros_like(fold_frames(sample))
         if embedded is None:

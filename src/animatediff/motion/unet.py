@@ -90,7 +90,7 @@ class MotionUNet(nn.Module):
         share_text_attention(self.unet, False)
         return self.unet
 
-    def _shares_text(self) -> bool:
+    def shares_text(self) -> bool:
         """Whether text can stay one row per video: every cross-attention processor takes it."""
         return self.unet.encoder_hid_proj is None and all(
             isinstance(m.processor, SharedTextAttention) for m in self._cross
@@ -150,7 +150,7 @@ class MotionUNet(nn.Module):
         """
         b, _, f, _, _ = sample.shape
         call = self.call(f, motion_scale, windows, b * f)
-        shared = self._shares_text()
+        shared = self.shares_text()
         t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device, shared)
         unet = self.unet
         x = fold_frames(sample)
