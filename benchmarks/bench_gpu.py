@@ -1,7 +1,7 @@
 """One GPU benchmark: this project's pipeline against diffusers' `AnimateDiffPipeline` on
 SD1.5-shaped random weights built on the device from a seed, each variant in its own process.
 
-    PYTHONPATH=src python benchmarks/bench_gpu.py                      # H100/H200: ~6-8 min
+    PYTHONPATH=src python benchmarks/bench_gpu.py                      # H100/H200: <= 8 min (--budget)
     PYTHONPATH=src python benchmarks/bench_gpu.py --device cpu --arch mini --frames 4 \\
         --size 64 --steps 2 --window-frames 8 --window-length 4 --repeats 1 --compile none
 

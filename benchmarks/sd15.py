@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nopyav  # noqa: F401  (before animatediff)
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
