@@ -276,3 +276,89 @@ def test_distilled_module_loads_and_samples_with_the_lcm_preset(data: Data, tmp_
         progress=False,
     )
     assert video.frames.shape[-4:] == (3, FRAMES, SIZE, SIZE) and torch.isfinite(video.frames).all()
+
+
+# -- 3. the teacher/student comparison of `animatediff evaluate --student` ----------------------------
+def test_holds_is_within_ten_percent_or_better():
+    from animatediff.world.compare import METRICS, holds
+
+    teacher = {key: 0.5 for _, key, _ in METRICS}
+    teacher["watermark_rate"] = 0.2
+    assert all(holds(dict(teacher), teacher).values())
+    worse = {**teacher, "text_alignment": 0.44, "watermark_rate": 0.23}
+    better = {**teacher, "text_alignment": 0.46, "colour_alignment": 0.9, "watermark_rate": 0.21}
+    assert [k for k, ok in holds(worse, teacher).items() if not ok] == [
+        "text_alignment",
+        "watermark_rate",
+    ]
+    assert all(holds(better, teacher).values())
+    assert holds({**teacher, "motion_alignment": None}, teacher)["motion_alignment"] is False
+
+
+def test_compare_runs_teacher_and_student_side_by_side(tmp_path: Path):
+    """`compare` end to end on the built-in model, tiny (2 prompts, 4 frames, 2 teacher steps):
+    the student (here the teacher's own module, saved as a distilled 1-step release) is sampled
+    with the LCM sampler through `preset="auto"`, the teacher with DDIM; every metric, the time
+    per animation and the verdicts are there, and the table prints them."""
+    from animatediff.builtin.model import builtin_model
+    from animatediff.checkpoints.fewstep import Release, release_metadata
+    from animatediff.checkpoints.motion import load_motion_module, save_motion_module
+    from animatediff.world.compare import METRICS, compare, format_comparison
+
+    student = tmp_path / "student.safetensors"
+    release = Release("AnimateDiff consistency-distilled 1-step", "animatelcm", 1)
+    module = load_motion_module(builtin_model().motion_module)
+    save_motion_module(module, student, extra_metadata=release_metadata(release))
+    results = compare(
+        student, student_steps=(1,), teacher_steps=2, num_prompts=2, seeds=(0,), num_frames=4,
+        progress=None,
+    )  # fmt: skip
+    teacher, pupil = results["rows"]["teacher"], results["rows"]["student_1"]
+    assert (teacher["scheduler"], teacher["steps"], teacher["guidance_scale"]) == ("ddim", 2, 7.5)
+    assert (pupil["scheduler"], pupil["steps"]) == ("lcm", 1)
+    for row in (teacher, pupil):
+        assert row["clips"] == 2 and row["seconds_per_animation"] > 0
+        assert all(key in row for _, key, _ in METRICS)
+    assert set(pupil["holds"]) == {key for _, key, _ in METRICS} and pupil["speedup"] > 0
+    table = format_comparison(results)
+    assert "student 1 steps" in table and "s / animation" in table and "lcm" in table
+
+
+@pytest.mark.slow
+def test_distill_two_processes_match_one(data: Data, tmp_path: Path):  # noqa: F811 - the fixture
+    """Data-parallel distillation: two gloo processes with batch 1 follow one process with batch
+    2: the same loss at every step (same clips, noise, timesteps, guidance; to float rounding)
+    and the same student up to AdamW's amplified float noise. Near-zero gradients (many under the
+    pseudo-Huber loss) become steps of up to lr whose sign the summation order decides, so a few
+    hundred of 1.5 million elements differ by up to ~lr; the mean difference stays 500x below lr,
+    where processes that trained apart differ by about lr everywhere."""
+    import os
+
+    from test_training import _finish, _launch, describe, write_yaml
+
+    from animatediff.training import train
+
+    lr = 1e-3
+
+    def cfg(out: Path, batch_size: int) -> dict:
+        return {**distill_config(out, data, steps=3, lr=lr), "train": {
+            **distill_config(out, data)["train"], "steps": 3, "batch_size": batch_size, "learning_rate": lr
+        }}  # fmt: skip
+
+    in_child(train, cfg(tmp_path / "one", 2))
+    cfg_file = write_yaml(tmp_path / "two.yaml", cfg(tmp_path / "two", 1))
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(29700 + os.getpid() % 200)]
+    cmd += ["-m", "animatediff.cli.main", "train", str(cfg_file)]
+    env = {"ACCELERATE_USE_CPU": "true", "ANIMATEDIFF_TRACEBACK_AFTER": "300"}
+    proc = _finish(_launch(cmd, tmp_path, **env))
+    assert proc.returncode == 0, describe(proc)
+    one, two = (read_metrics(tmp_path / run) for run in ("one", "two"))
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    a = load_tensors(tmp_path / "one" / "motion_module.safetensors")
+    b = load_tensors(tmp_path / "two" / "motion_module.safetensors")
+    diffs = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in a])
+    assert diffs.mean() < lr / 100 and diffs.max() < 3 * lr, (diffs.mean(), diffs.max())
