@@ -1,10 +1,8 @@
 """The training loop, on Hugging Face Accelerate (one CPU to many GPUs, DDP/FSDP/DeepSpeed).
 
-Determinism is by construction: the sample ids of optimisation step k are a fixed function of
-(seed, k), and each sample's clip choice, VAE sampling, noise and timestep come from a generator
-seeded by (seed, step, position in the global batch). So a resumed run sees exactly the data and
-noise the uninterrupted one would have, and N processes with batch B/N see what one process with
-batch B sees.
+Determinism is by construction (`steps.py`): a resumed run sees exactly the data and noise the
+uninterrupted one would have, and N processes with batch B/N see what one process with batch B
+sees. Checkpoints: `checkpoint.py`; the output folder's rules: `outputs.py`.
 """
 
 from __future__ import annotations
@@ -23,17 +21,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..builtin.model import resolve
 from ..checkpoints.base import load_base
 from ..errors import CheckpointError, UserError
-from ..motion import MotionModuleConfig, MotionModules, MotionUNet
 from ..motion.frames import fold_frames, unfold_frames
-from ..pipeline import AnimationPipeline
-from ..pipeline.presets import preset_settings
 from ..pipeline.prompt import encode_prompts
 from .checkpoint import Checkpoints, RunState
 from .config import Config, ConfigError
@@ -41,7 +35,9 @@ from .data import EncodedClips, VideoClips, check_clips, collate, collate_encode
 from .distill import ConsistencySolver, consistency_loss
 from .loss import diffusion_loss, make_noise_scheduler
 from .outputs import OutputSwap, check_output_dir
+from .report import plot_losses, validate
 from .stages import TrainModel, use_safe_groupnorm
+from .steps import StepSampler, sample_generators
 
 log = logging.getLogger("animatediff")
 COUNTERS = ("skipped", "uncaptioned")  # per-sample counts, summed over processes and steps
@@ -49,46 +45,6 @@ COUNTERS = ("skipped", "uncaptioned")  # per-sample counts, summed over processe
 
 class TrainingDiverged(UserError):
     """The loss stopped being a finite number."""
-
-
-class StepSampler(Sampler):
-    """Yields, for each micro-step from `start`, this process's sample ids of the global batch."""
-
-    def __init__(
-        self, size: int, global_batch: int, rank: int, world: int, start: int, total: int, seed: int
-    ):
-        self.size, self.global_batch, self.rank, self.world = size, global_batch, rank, world
-        self.start, self.total, self.seed = start, total, seed
-        self._perms: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed + 7919 * epoch)
-            self._perms[epoch] = torch.randperm(self.size, generator=gen).tolist()
-        return self._perms[epoch]
-
-    def ids(self, micro_step: int) -> list[int]:
-        local = self.global_batch // self.world
-        ids = []
-        for j in range(self.rank * local, (self.rank + 1) * local):
-            position = micro_step * self.global_batch + j
-            epoch, offset = divmod(position, self.size)
-            ids.append(epoch * self.size + self._perm(epoch)[offset])
-        return ids
-
-    def __iter__(self):
-        for k in range(self.start, self.total):
-            yield self.ids(k)
-
-    def __len__(self) -> int:
-        return self.total - self.start
-
-
-def _sample_generators(seed: int, micro_step: int, positions: range) -> list[torch.Generator]:
-    return [
-        torch.Generator().manual_seed((seed + 1) * 2_000_003 + micro_step * 65_537 + j)
-        for j in positions
-    ]
 
 
 class Trainer:
@@ -345,7 +301,7 @@ class Trainer:
         acc = self.accelerator
         local = self.train.batch_size
         positions = range(acc.process_index * local, (acc.process_index + 1) * local)
-        gens = _sample_generators(self.train.seed, micro, positions)
+        gens = sample_generators(self.train.seed, micro, positions)
         with acc.accumulate(self.model):
             latents, text = self._encode(batch, gens)
             with acc.autocast():
@@ -502,53 +458,11 @@ class Trainer:
         if v.every and v.prompts and self.step % v.every == 0 and self.accelerator.is_main_process:
             self.validate()
 
-    def _sampling(self) -> dict:
-        """How validation samples: as `--preset auto` would for a distilled student, else with
-        the validation settings."""
-        v = self.config.validation
-        if self.solver is None:
-            return {"num_inference_steps": v.steps, "guidance_scale": v.guidance_scale}
-        steps = self.config.distill.num_inference_steps
-        settings = preset_settings("animatelcm", {"preset": "animatelcm", "steps": steps})
-        settings.pop("lora_strength", None)
-        return settings
-
     @torch.no_grad()
     def validate(self) -> list[Path]:
+        """Sample the validation prompts with the model as it is now (`report.validate`)."""
         model = self.unwrapped
-        v = self.config.validation
-        motion_unet = model.motion_unet
-        temporary = None
-        if motion_unet is None:  # image stages: frames without a motion module
-            cfg = MotionModuleConfig.preset(
-                "v3", block_out_channels=tuple(model.unet2d.config.block_out_channels)
-            )
-            temporary = motion_unet = MotionUNet(
-                model.unet2d, MotionModules(cfg).to(self.accelerator.device)
-            )
-        was_training = model.training
-        model.eval()
-        pipe = AnimationPipeline(self.image, motion_unet)
-        paths = []
-        try:
-            for i, prompt in enumerate(v.prompts):
-                video = pipe(
-                    prompt,
-                    num_frames=v.num_frames if model.video else 1,
-                    height=self.config.data.sample_size[1],
-                    width=self.config.data.sample_size[0],
-                    seed=v.seed + i,
-                    progress=False,
-                    **self._sampling(),
-                )
-                paths += video.save(
-                    self.out / "validation" / f"step-{self.step:08d}-{i}.gif", overwrite=True
-                )
-        finally:
-            if temporary is not None:
-                temporary.remove()
-            model.train(was_training)
-        return paths
+        return validate(self.image, model, self.config, self.out / "validation", self.step)
 
     def finish(self) -> list[Path]:
         acc = self.accelerator
@@ -561,7 +475,7 @@ class Trainer:
             results = model.save_results(self.out, self.config, self.step)
             if self.outputs is not None:
                 self.outputs.commit()
-            _plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
             for name in COUNTERS:
                 if self.counts[name]:
                     log.warning(f"{self.counts[name]} samples were {name} (see metrics.jsonl)")
@@ -573,30 +487,3 @@ class Trainer:
 
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
-
-
-def _plot_losses(metrics: Path, png: Path) -> None:
-    """A small loss-curve image drawn with Pillow (no plotting dependency)."""
-    if not metrics.exists():
-        return
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    w, h, pad = 640, 360, 40
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    steps = [r["step"] for r in rows]
-    losses = [r["loss"] for r in rows]
-    lo, hi = min(losses), max(losses)
-    span_x, span_y = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-12)
-    points = [
-        (pad + (s - steps[0]) / span_x * (w - 2 * pad), h - pad - (v - lo) / span_y * (h - 2 * pad))
-        for s, v in zip(steps, losses)
-    ]
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="gray")
-    if len(points) > 1:
-        draw.line(points, fill="blue", width=2)
-    draw.text(
-        (pad, 10), f"loss {lo:.4g} .. {hi:.4g}, steps {steps[0]} .. {steps[-1]}", fill="black"
-    )
-    img.save(png)
