@@ -918,6 +918,37 @@ def test_a_failed_overwrite_puts_the_previous_run_back(data: Data, tmp_path: Pat
     assert not (tmp_path / "new").exists()
 
 
+def test_a_killed_overwrite_keeps_the_run_before_it(tmp_path: Path):
+    """The output folder's moves alone (`outputs.OutputSwap`): a run killed outright after
+    setting the previous run aside leaves `.previous-run/`; the next --overwrite discards the
+    killed run's partial outputs, keeps the earlier run aside and restores it if it fails too,
+    and deletes it once it saves something of its own. Files that are not the trainer's stay."""
+    from animatediff.errors import ConfigError
+    from animatediff.training.outputs import OutputSwap, check_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, text in (("metrics.jsonl", "old"), ("motion_module.safetensors", "old weights")):
+        (out / name).write_text(text)
+    (out / "notes.txt").write_text("mine")
+    original = _tree(out)
+    killed = OutputSwap(out, created=False)
+    assert killed.replace_previous() == ["metrics.jsonl", "motion_module.safetensors"]
+    (out / "metrics.jsonl").write_text("partial")  # ... and then SIGKILL: no roll-back
+    with pytest.raises(ConfigError, match="previous-run"):
+        check_output_dir(out, resume=False, overwrite=False)
+    retry = OutputSwap(out, created=False)
+    retry.replace_previous()
+    assert not (out / "metrics.jsonl").exists()
+    retry.roll_back()
+    assert _tree(out) == original
+    again = OutputSwap(out, created=False)
+    again.replace_previous()
+    (out / "metrics.jsonl").write_text("new")
+    again.commit()
+    assert _tree(out) == {"metrics.jsonl": b"new", "notes.txt": b"mine"}
+
+
 # -- 4. two processes == one ---------------------------------------------------------------------------
 MULTI_STEPS = 3
 # The last motion module's output bias feeds conv_norm_out; with one channel per GroupNorm group

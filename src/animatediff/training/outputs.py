@@ -6,7 +6,8 @@ other files in the folder are left alone. The previous run's outputs are first m
 `.previous-run/` (renames within the folder: nothing is copied or lost), after everything that
 can fail early (config, data, models) has succeeded. When the new run writes its first
 checkpoint or its results, `.previous-run/` is deleted; if it fails before that, its own partial
-outputs are removed and the previous run's are moved back.
+outputs are removed and the previous run's are moved back. A run killed outright (SIGKILL)
+leaves `.previous-run/` in place; the next --overwrite keeps it aside until it saves.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def check_output_dir(folder: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a non-empty folder unless the run resumes or overwrites (before anything loads)."""
     if resume and overwrite:
@@ -38,9 +43,12 @@ def check_output_dir(folder: Path, resume: bool, overwrite: bool) -> None:
     if resume or overwrite or not entries:
         return
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    kept = (
+        f"; {PREVIOUS}/ holds the run a killed --overwrite replaced" if PREVIOUS in entries else ""
+    )
     raise ConfigError(
         f"output_dir {folder} is not empty ({shown}): pass --resume to continue the run there, "
-        "--overwrite to replace it, or choose another output_dir"
+        f"--overwrite to replace it, or choose another output_dir{kept}"
     )
 
 
@@ -54,11 +62,15 @@ class OutputSwap:
         self.pending = False
 
     def replace_previous(self) -> list[str]:
-        """Move the previous run's outputs into `.previous-run/`; returns their names."""
-        shutil.rmtree(self.aside, ignore_errors=True)  # left by a run killed before committing
+        """Move the previous run's outputs into `.previous-run/`; returns their names. If a
+        `.previous-run/` is already there, a run that replaced it was killed before saving
+        anything: its partial outputs go, and the run before it stays set aside."""
         names = [n for n in _entries(self.folder) if n in RUN_OUTPUTS]
         self.folder.mkdir(parents=True, exist_ok=True)
-        if names:
+        if self.aside.is_dir():
+            for name in names:
+                _remove(self.folder / name)
+        elif names:
             self.aside.mkdir()
             for name in names:
                 os.replace(self.folder / name, self.aside / name)
@@ -77,8 +89,7 @@ class OutputSwap:
             return
         for name in _entries(self.folder):
             if name in RUN_OUTPUTS:
-                path = self.folder / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                _remove(self.folder / name)
         for name in _entries(self.aside):
             os.replace(self.aside / name, self.folder / name)
         shutil.rmtree(self.aside, ignore_errors=True)
