@@ -278,6 +278,36 @@ def test_distilled_module_loads_and_samples_with_the_lcm_preset(data: Data, tmp_
     assert video.frames.shape[-4:] == (3, FRAMES, SIZE, SIZE) and torch.isfinite(video.frames).all()
 
 
+def test_validation_samples_the_student_as_preset_auto_will():
+    from animatediff.pipeline.presets import PRESETS
+    from animatediff.training.report import sampling_settings
+
+    base = {"output_dir": "o", "data": {"videos": "x"}, "motion_module": "m"}
+    student = parse_config({**base, "stage": "distill", "distill": {"num_inference_steps": 6}})
+    settings = sampling_settings(student)
+    assert settings["scheduler"] == "lcm" and settings["num_inference_steps"] == 6
+    assert settings["guidance_scale"] == PRESETS["animatelcm"].guidance_scale
+    motion = parse_config({**base, "stage": "motion", "validation": {"steps": 9}})
+    assert sampling_settings(motion) == {"num_inference_steps": 9, "guidance_scale": 7.5}
+
+
+def test_a_non_finite_loss_stops_training_with_one_line(data: Data, tmp_path: Path):  # noqa: F811 - the fixture
+    """The loss is checked at every step: NaN stops the run with a TrainingDiverged (a
+    UserError: one line, exit 2 on the command line) naming the step."""
+    from animatediff.training import Trainer, TrainingDiverged, parse_config
+
+    def diverge() -> str:
+        trainer = Trainer(parse_config(distill_config(tmp_path / "out", data)))
+        try:
+            trainer._gather(torch.tensor(float("nan")), {"skipped": [], "captions": ["a"]})
+        except TrainingDiverged as e:
+            return str(e)
+        raise AssertionError("a NaN loss was accepted")
+
+    message = in_child(diverge)
+    assert "step 1" in message and "nan" in message and "\n" not in message
+
+
 # -- 3. the teacher/student comparison of `animatediff evaluate --student` ----------------------------
 def test_holds_is_within_ten_percent_or_better():
     from animatediff.world.compare import METRICS, holds

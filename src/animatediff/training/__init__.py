@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import STAGES, Config, ConfigError, load_config, parse_config
-from .trainer import Trainer
+from .trainer import Trainer, TrainingDiverged
 
 
 def train(
@@ -22,4 +22,13 @@ def train(
     return Trainer(config, resume=resume, overwrite=overwrite).fit()
 
 
-__all__ = ["STAGES", "Config", "ConfigError", "Trainer", "load_config", "parse_config", "train"]
+__all__ = [
+    "STAGES",
+    "Config",
+    "ConfigError",
+    "Trainer",
+    "TrainingDiverged",
+    "load_config",
+    "parse_config",
+    "train",
+]
