@@ -308,6 +308,15 @@ def test_a_non_finite_loss_stops_training_with_one_line(data: Data, tmp_path: Pa
     assert "step 1" in message and "nan" in message and "\n" not in message
 
 
+def test_the_documented_distillation_config_is_valid():
+    """docs/distill/distill.yaml (the recipe of the shipped student) parses as written."""
+    from animatediff.training import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "docs" / "distill" / "distill.yaml")
+    assert cfg.stage == "distill" and cfg.distill.num_inference_steps == 4
+    assert cfg.distill.guidance_scale == (7.5, 7.5) and cfg.data.num_frames == 16
+
+
 # -- 3. the teacher/student comparison of `animatediff evaluate --student` ----------------------------
 def test_holds_is_within_ten_percent_or_better():
     from animatediff.world.compare import METRICS, holds
@@ -339,9 +348,12 @@ def test_compare_runs_teacher_and_student_side_by_side(tmp_path: Path):
     release = Release("AnimateDiff consistency-distilled 1-step", "animatelcm", 1)
     module = load_motion_module(builtin_model().motion_module)
     save_motion_module(module, student, extra_metadata=release_metadata(release))
+    from animatediff.builtin import adapter
+
+    lora = adapter()  # stands in for a distilled image-layer LoRA: same layout, same layers
     results = compare(
         student, student_steps=(1,), teacher_steps=2, num_prompts=2, seeds=(0,), num_frames=4,
-        progress=None,
+        progress=None, student_adapter=lora,
     )  # fmt: skip
     teacher, pupil = results["rows"]["teacher"], results["rows"]["student_1"]
     assert (teacher["scheduler"], teacher["steps"], teacher["guidance_scale"]) == ("ddim", 2, 7.5)
@@ -352,6 +364,7 @@ def test_compare_runs_teacher_and_student_side_by_side(tmp_path: Path):
     assert set(pupil["holds"]) == {key for _, key, _ in METRICS} and pupil["speedup"] > 0
     table = format_comparison(results)
     assert "student 1 steps" in table and "s / animation" in table and "lcm" in table
+    assert results["student_adapter"] == (None if lora is None else str(lora))
 
 
 @pytest.mark.slow

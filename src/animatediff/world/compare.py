@@ -1,6 +1,7 @@
 """A few-step student against its teacher on the evaluation's prompts and seeds.
 
     animatediff evaluate --student runs/distill/motion_module.safetensors [--student-steps 4 8]
+        [--student-adapter runs/distill/distill_lora.safetensors]
 
 The teacher is the built-in model (its base + motion module) sampled as `evaluate` samples it
 (DDIM, ``--steps`` steps, guidance ``--guidance-scale``); the student is the built-in base with
@@ -105,6 +106,7 @@ def compare(
     student: str | Path,
     student_steps: Sequence[int] = (4, 8),
     student_guidance: float | None = None,
+    student_adapter: str | Path | None = None,
     teacher_steps: int = STEPS,
     guidance_scale: float = GUIDANCE_SCALE,
     num_prompts: int | None = None,
@@ -114,7 +116,9 @@ def compare(
     device: str = "cpu",
     progress=print,
 ) -> dict:
-    """Teacher and student rows (module docstring) and, per student row, which metrics hold."""
+    """Teacher and student rows (module docstring) and, per student row, which metrics hold.
+    `student_adapter`: an image-layer LoRA distilled with the student (`distill_lora.safetensors`),
+    merged at 1.0."""
     from ..builtin.model import builtin_model
     from ..pipeline import AnimationPipeline
 
@@ -128,7 +132,8 @@ def compare(
     how = {"num_inference_steps": teacher_steps, "guidance_scale": guidance_scale}
     rows = {"teacher": _row("teacher", teacher, *args, how)}
     del teacher
-    pupil = AnimationPipeline.load(model.base, str(student), device=device)
+    adapter = None if student_adapter is None else (str(student_adapter), 1.0)
+    pupil = AnimationPipeline.load(model.base, str(student), adapter=adapter, device=device)
     for steps in student_steps:
         log(f"[compare] student at {steps} steps")
         how = {"preset": "auto", "num_inference_steps": steps, "guidance_scale": student_guidance}
@@ -140,6 +145,7 @@ def compare(
         "settings": {"prompts": list(prompts), "seeds": list(seeds), "num_frames": num_frames},
         "teacher": {"base": str(model.base), "motion_module": str(model.motion_module)},
         "student": str(student),
+        "student_adapter": None if student_adapter is None else str(student_adapter),
         "rows": rows,
     }
 
@@ -149,7 +155,8 @@ def format_comparison(results: Mapping) -> str:
     s = results["settings"]
     lines = [
         f"{len(s['prompts'])} prompts x seeds {s['seeds']}, {s['num_frames']} frames; "
-        f"student: {results['student']}",
+        f"student: {results['student']}"
+        + (f" + {results['student_adapter']}" if results.get("student_adapter") else ""),
         "",
     ]
     header = ["model", "sampler", "steps", "guidance", *(h for h, _, _ in METRICS)]
@@ -178,6 +185,7 @@ def run_comparison(args) -> dict:
         args.student,
         student_steps=args.student_steps,
         student_guidance=args.student_guidance,
+        student_adapter=args.student_adapter,
         teacher_steps=args.steps,
         guidance_scale=args.guidance_scale,
         num_prompts=3 if args.quick else args.prompts,

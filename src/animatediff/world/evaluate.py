@@ -850,6 +850,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--student-steps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--student-guidance", type=float, help="default: its preset's")
+    p.add_argument("--student-adapter", type=Path, help="the student's image-layer LoRA")
 
 
 def run(args: argparse.Namespace) -> dict:
