@@ -852,6 +852,13 @@ def test_output_dir_is_refused_unless_resumed_or_overwritten(data: Data, tmp_pat
     for name, argv in {
         "again": ["train", str(first)],
         "both flags": ["train", str(first), "--resume", "--overwrite"],
+        "resume nothing": [
+            "train",
+            str(
+                write_yaml(tmp_path / "other.yaml", config("motion", tmp_path / "x", data.overfit))
+            ),
+            "--resume",
+        ],
         "bad overwrite": [
             "train",
             str(

@@ -39,6 +39,8 @@ def check_output_dir(folder: Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError("--resume continues the run in output_dir, --overwrite replaces it")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output_dir {folder}: is a file, not a folder")
+    if resume and not any((folder / "checkpoints").glob("step-*")):
+        raise ConfigError(f"--resume: no checkpoint in {folder / 'checkpoints'} to continue from")
     entries = _entries(folder)
     if resume or overwrite or not entries:
         return
