@@ -88,10 +88,12 @@ def train_command(args: argparse.Namespace) -> None:
             float(os.environ["ANIMATEDIFF_TRACEBACK_AFTER"]), exit=True
         )
     if args.encode:
+        if Path(args.encode).exists() and not Path(args.encode).is_dir():
+            raise UsageError(f"--encode: {args.encode} is a file, not a folder")
         count = encode_dataset(load_config(args.config), args.encode, device=device("auto"))
         print(f"encoded {count} clips into {args.encode}")
         return
-    for path in train(args.config, resume=args.resume):
+    for path in train(args.config, resume=args.resume, overwrite=args.overwrite):
         print(f"saved {path}")
 
 

@@ -95,9 +95,15 @@ def build_parser() -> Parser:
     c.add_argument("--base", help="with a single-file checkpoint: the SD1.5 folder for configs")
     c.add_argument("--motion-version", choices=("v1", "v2", "v3"))
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    t = sub.add_parser("train", help="train a domain adapter, motion module or MotionLoRA", **kw)
+    t = sub.add_parser(
+        "train", help="train a domain adapter, motion module or MotionLoRA, or distil one", **kw
+    )
     t.add_argument("config", help="training config YAML (see README)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    runs = t.add_mutually_exclusive_group()
+    runs.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    runs.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in output_dir"
+    )
     t.add_argument("--encode", metavar="DIR", help="only pre-encode the dataset's latents into DIR")
     sub.add_parser("models", help="list the built-in models, styles and MotionLoRAs", **kw)
     evaluate_arguments(

@@ -6,8 +6,11 @@ forward is the noise prediction, so that data-parallel wrappers see every traina
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 
 from ..checkpoints.adapters import attention_lora_pairs
 from ..checkpoints.base import ImageModel
+from ..checkpoints.fewstep import Release, release_metadata
 from ..checkpoints.io import save_state_dict
 from ..checkpoints.lora import to_official_layout
 from ..checkpoints.motion import load_motion_module, save_motion_module
@@ -33,6 +37,15 @@ SPATIAL_ATTENTION = (
     "attn2.to_out.0",
 )
 MOTION_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# Every file or folder a stage may write into output_dir (`save_results`).
+RESULT_NAMES = (
+    "motion_module.safetensors",
+    "motion_module_diffusers",
+    "motion_lora.safetensors",
+    "domain_adapter.safetensors",
+    "distill_lora.safetensors",
+    "unet",
+)
 
 
 def spatial_attention_targets(unet: nn.Module) -> list[str]:
@@ -80,8 +93,12 @@ class TrainModel(nn.Module):
         self.unet2d.requires_grad_(False)
         self.motion: MotionModules | None = None
         self.lora: LoRASet | None = None
-        self.video = config.stage in ("motion", "motion_lora")
-        if config.adapter and config.stage in ("motion", "motion_lora"):
+        self.video = config.video
+        # distill: the teacher's motion module and the target network (an EMA of the student)
+        self.teacher_motion: MotionModules | None = None
+        self.target_motion: MotionModules | None = None
+        self.target_lora: LoRASet | None = None
+        if config.adapter and config.video:
             merge_lora(
                 self.unet2d,
                 attention_lora_pairs(self.unet2d, config.adapter, "domain adapter"),
@@ -89,6 +106,9 @@ class TrainModel(nn.Module):
             )
         getattr(self, f"_build_{config.stage}")(config)
         self.motion_unet = MotionUNet(self.unet2d, self.motion) if self.video else None
+        if self.teacher_motion is not None:
+            self.teacher_unet = MotionUNet(self.unet2d, self.teacher_motion)
+            self.target_unet = MotionUNet(self.unet2d, self.target_motion)
 
     def _build_adapter(self, config: Config) -> None:
         targets = spatial_attention_targets(self.unet2d)
@@ -100,14 +120,7 @@ class TrainModel(nn.Module):
     def _build_motion(self, config: Config) -> None:
         frames = config.data.num_frames
         if config.motion_module:
-            self.motion = load_motion_module(config.motion_module)
-            limit = config.motion_module_config.get("max_frames", self.motion.config.max_frames)
-            if frames > limit:
-                raise ConfigError(
-                    f"data.num_frames {frames} exceeds the {self.motion.config.max_frames} frames "
-                    f"{config.motion_module} supports; set motion_module_config.max_frames to extend it"
-                )
-            self.motion.config = self.motion.config.replace(max_frames=limit)
+            self.motion = _continued_module(config)
         else:
             fields = {"version": "v3", **config.motion_module_config}
             preset = MotionModuleConfig.preset(fields.pop("version"))
@@ -124,6 +137,61 @@ class TrainModel(nn.Module):
         self.motion.requires_grad_(False)
         targets = motion_attention_targets(self.motion)
         self.lora = LoRASet.create(self.motion, targets, config.train.rank).attach(self.motion)
+
+    def _build_distill(self, config: Config) -> None:
+        """Student and target start as copies of the teacher (AnimateLCM initialises from it)."""
+        self.teacher_motion = _continued_module(config).requires_grad_(False)
+        self.motion = copy.deepcopy(self.teacher_motion).requires_grad_(True)
+        self.target_motion = copy.deepcopy(self.teacher_motion)
+        rank = config.distill.lora_rank
+        if rank:
+            targets = spatial_attention_targets(self.unet2d)
+            self.lora = LoRASet.create(self.unet2d, targets, rank).attach(self.unet2d)
+            self.target_lora = LoRASet.create(self.unet2d, targets, rank)
+            self.target_lora.layers.load_state_dict(self.lora.layers.state_dict())
+            self.target_lora.requires_grad_(False).attach(self.unet2d)
+            self.target_lora.strength = 0.0  # the student's LoRA is the one active by default
+
+    @contextlib.contextmanager
+    def _loras(self, student: float, target: float) -> Iterator[None]:
+        """Within the block, the student's and the target's image LoRAs at these strengths."""
+        if self.lora is None or self.target_lora is None:
+            yield
+            return
+        self.lora.strength, self.target_lora.strength = student, target
+        try:
+            yield
+        finally:
+            self.lora.strength, self.target_lora.strength = 1.0, 0.0
+
+    @torch.no_grad()
+    def teacher(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, uncond):
+        """distill: the teacher's outputs with the captions and with the empty prompt."""
+        with self._loras(0.0, 0.0):
+            both = self.teacher_unet(
+                torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([text, uncond])
+            )
+        return both.chunk(2)
+
+    @torch.no_grad()
+    def target(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """distill: the target network's output."""
+        with self._loras(0.0, 1.0):
+            return self.target_unet(noisy, t, text)
+
+    @torch.no_grad()
+    def update_target(self, rate: float) -> None:
+        """target <- rate * target + (1 - rate) * student, after each optimisation step."""
+        student = self.trainable_state_dict()
+        for name, value in self.target_state_dict().items():
+            value.lerp_(student[name], 1 - rate)
+
+    def target_state_dict(self) -> dict[str, torch.Tensor]:
+        """distill: the target network's weights, named as the student's trainable ones."""
+        parts = {"motion.": self.target_motion}
+        if self.target_lora is not None:  # (a LoRASet also holds the model it is attached to)
+            parts["lora.layers."] = self.target_lora.layers
+        return {p + k: v for p, module in parts.items() for k, v in module.named_parameters()}
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -151,6 +219,8 @@ class TrainModel(nn.Module):
             "animatediff.step": str(step),
         }
         folder.mkdir(parents=True, exist_ok=True)
+        if self.stage == "distill":
+            return self._save_distilled(folder, config, meta)
         if self.stage == "motion":
             unet = []
             if config.train.train_image_layers:
@@ -183,6 +253,45 @@ class TrainModel(nn.Module):
             ]
         self.unet2d.save_pretrained(folder / "unet")
         return [folder / "unet"]
+
+    def _save_distilled(self, folder: Path, config: Config, meta: dict) -> list[Path]:
+        """The student motion module (and image LoRA), carrying the release metadata that makes
+        `--preset auto` sample it with the LCM sampler for its step count."""
+        steps = config.distill.num_inference_steps
+        release = Release(f"AnimateDiff consistency-distilled {steps}-step", "animatelcm", steps)
+        meta = {**meta, **release_metadata(release)}
+        paths = [
+            save_motion_module(
+                self.motion, folder / "motion_module.safetensors", extra_metadata=meta
+            ),
+            save_motion_module(
+                self.motion,
+                folder / "motion_module_diffusers",
+                layout="diffusers",
+                extra_metadata=meta,
+            ),
+        ]
+        if self.lora is not None:
+            layout = to_official_layout(self.lora.pairs())
+            tensors = {k: v.float().cpu() for k, v in layout.items()}
+            rank = {"animatediff.rank": str(config.distill.lora_rank)}
+            path = save_state_dict(tensors, folder / "distill_lora.safetensors", {**meta, **rank})
+            paths.append(path)
+        return paths
+
+
+def _continued_module(config: Config) -> MotionModules:
+    """`config.motion_module`, loaded, with max_frames raised to the config's if it asks."""
+    module = load_motion_module(config.motion_module)
+    frames = config.data.num_frames
+    limit = config.motion_module_config.get("max_frames", module.config.max_frames)
+    if frames > limit:
+        raise ConfigError(
+            f"data.num_frames {frames} exceeds the {module.config.max_frames} frames "
+            f"{config.motion_module} supports; set motion_module_config.max_frames to extend it"
+        )
+    module.config = module.config.replace(max_frames=limit)
+    return module
 
 
 def _json(data) -> str:

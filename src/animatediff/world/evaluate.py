@@ -842,9 +842,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH[,rank=R,clips=N]",
     )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument(
+        "--student",
+        type=Path,
+        help="instead: compare this distilled motion module with the built-in teacher "
+        "(world/compare.py)",
+    )
+    p.add_argument("--student-steps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--student-guidance", type=float, help="default: its preset's")
+    p.add_argument("--student-adapter", type=Path, help="the student's image-layer LoRA")
 
 
 def run(args: argparse.Namespace) -> dict:
+    if getattr(args, "student", None) is not None:
+        from .compare import run_comparison
+
+        return run_comparison(args)
     results = evaluate(
         steps=args.steps,
         guidance_scale=args.guidance_scale,
