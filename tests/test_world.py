@@ -331,3 +331,68 @@ def test_mix_frames_takes_frame_f_of_clip_i_from_clip_i_plus_f():
             assert mixed[i, 0, f, 0, 0] == 4 * ((i + f) % 3) + f
     with pytest.raises(ValueError, match="at least 2 clips"):
         coherence_losses(None, x[:1])
+
+
+# --- the build recipe and the caption probe -------------------------------------------------
+
+
+def test_recipe_is_valid_training_configs_and_pack_does_not_import_the_build(tmp_path):
+    import ast
+    from pathlib import Path
+
+    from animatediff.training import parse_config
+    from animatediff.world import build, pack, recipe
+
+    configs = recipe.stage_configs(tmp_path)
+    assert list(configs) == list(recipe.RESULTS)  # every run has a result the build waits for
+    for name, cfg in configs.items():
+        parsed = parse_config(cfg)
+        assert Path(parsed.output_dir).name == name, name
+    assert configs["base"]["train"]["train_text_encoder"]
+    motion = parse_config(configs[recipe.MOTION_RUN])
+    assert motion.train.noise.shared_noise == recipe.SHARED_NOISE > 0
+    for kind in recipe.MOTION_LORAS:  # they take the module's own prior
+        lora = parse_config(configs[f"motion-lora-{kind}"])
+        assert lora.train.noise.shared_noise is None and lora.motion_module.endswith(
+            f"{recipe.MOTION_RUN}/motion_module.safetensors"
+        )
+    # build runs pack (`--pack`); pack reads the recipe, not the build (no import cycle)
+    imports = {
+        module.__name__: [
+            n.module
+            for n in ast.walk(ast.parse(Path(module.__file__).read_text()))
+            if isinstance(n, ast.ImportFrom)
+        ]
+        for module in (build, pack)
+    }
+    assert "recipe" in imports[pack.__name__] and "build" not in imports[pack.__name__]
+
+
+def test_build_datasets_render_the_first_items_whatever_the_count(tmp_path):
+    from animatediff.world.build import datasets
+
+    sets = datasets()
+    assert {"images", "videos", "style-stripes", "motion-pan-left"} <= set(sets)
+    _, write = sets["motion-zoom-in"]
+    write(tmp_path / "a", 1)
+    write(tmp_path / "b", 2)
+    for suffix in (".txt", ".mp4"):
+        name = f"clip_00000{suffix}"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_probe_captions_change_one_thing_each():
+    from animatediff.world.probe import SWAPPABLE, captions, probe_scenes
+
+    scenes = probe_scenes(20, seed=1)
+    assert scenes == probe_scenes(20, seed=1)
+    for scene in scenes:
+        (sprite,) = scene.sprites
+        assert sprite.colour in SWAPPABLE and scene.background in SWAPPABLE
+        texts = {k: parse_caption(v) for k, v in captions(scene).items()}
+        assert texts["true"].objects == ((sprite.colour, sprite.shape),)
+        assert texts["true"].background == scene.background
+        (colour, shape), background = texts["shape"].objects[0], texts["shape"].background
+        assert (colour, background) == (sprite.colour, scene.background) and shape != sprite.shape
+        assert texts["swap"].objects == ((scene.background, sprite.shape),)
+        assert texts["swap"].background == sprite.colour

@@ -54,8 +54,15 @@ class NoiseConfig:
     # Training timesteps are drawn uniformly from [lo, hi). A MotionLoRA learns where things go
     # at high noise, where the layout is decided; e.g. [400, 1000] spends its steps there.
     timesteps: tuple[int, int] = (0, 1000)
+    # Video stages: the fraction of the noise variance shared by all frames of a clip (a mixed
+    # noise prior, PYoCo). At high noise it ties the frames' layouts together, and the module
+    # learns to draw on the other frames there. None: the motion module's own (0 for a new
+    # one); the trained module stores it, and sampling draws its noise the same way.
+    shared_noise: float | None = None
 
     def __post_init__(self):
+        if self.shared_noise is not None and not 0 <= self.shared_noise < 1:
+            raise ConfigError(f"noise.shared_noise must be in [0, 1): {self.shared_noise}")
         lo, hi = (int(t) for t in self.timesteps)
         if not 0 <= lo < hi <= 1000:
             raise ConfigError(
@@ -83,6 +90,10 @@ class TrainConfig:
     # motion stage: also train the image layers (the design the paper argues against; for
     # ablations). The fine-tuned UNet is saved beside the motion module.
     train_image_layers: bool = False
+    # image_finetune: train the text encoder with the UNet (a frozen encoder that has never
+    # learnt which word plays which part cannot be taught it by the UNet); saved as
+    # `text_encoder/` beside `unet/`, the layout of a diffusers base folder.
+    train_text_encoder: bool = False
     mixed_precision: str = "no"  # no, fp16, bf16
     gradient_checkpointing: bool = False
     gradient_accumulation: int = 1
@@ -172,6 +183,10 @@ def parse_config(data: dict) -> Config:
     config = _build(Config, data, "")
     if config.stage not in STAGES:
         raise ConfigError(f"stage {config.stage!r} is not one of {STAGES}")
+    if config.train.train_text_encoder and config.stage != "image_finetune":
+        raise ConfigError(
+            f"train.train_text_encoder is for stage image_finetune, not {config.stage!r}"
+        )
     if config.stage == "motion_lora" and not config.motion_module:
         raise ConfigError("stage motion_lora needs 'motion_module' (the module the LoRA adapts)")
     return config

@@ -9,6 +9,7 @@ batch B sees.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -99,6 +100,9 @@ class Trainer:
             use_safe_groupnorm(self.model)
         self.dataset = self._build_dataset()
         self.noise_scheduler = make_noise_scheduler(self.train.noise)
+        # The noise prior as the stage resolved it (a motion module's own shared_noise).
+        shared = self.model.shared_noise if self.model.video else None
+        self.noise = dataclasses.replace(self.train.noise, shared_noise=shared)
         self.optimizer = self._build_optimizer()
         self.lr_scheduler = self._build_lr_scheduler()
         self.ema = self._build_ema()
@@ -276,7 +280,7 @@ class Trainer:
                     lambda x, t: self.model(x, t, text),
                     latents,
                     self.noise_scheduler,
-                    self.train.noise,
+                    self.noise,
                     gens,
                 )
             acc.backward(loss)
@@ -307,8 +311,10 @@ class Trainer:
             c if torch.rand((), generator=g) >= self.config.data.caption_dropout else ""
             for c, g in zip(batch["captions"], gens)
         ]
-        from ..pipeline.prompt import encode_prompts
+        from ..pipeline.prompt import encode_prompts, tokenize
 
+        if self.accelerator.unwrap_model(self.model).text_encoder is not None:
+            return latents, tokenize(self.image.tokenizer, captions).to(device)  # trained
         text = encode_prompts(self.image.tokenizer, self.image.text_encoder, captions)
         return latents, text
 
