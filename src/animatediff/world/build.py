@@ -86,8 +86,10 @@ def make_data(root: Path) -> None:
 
 # -- base model: tokenizer, text encoder, VAE, UNet ------------------------------------------------
 def make_base_skeleton(folder: Path) -> None:
-    """Tokenizer for the world's words, a frozen random CLIP text encoder (its token embeddings
-    spread wide so each word is distinct), a random UNet to train, and the scheduler."""
+    """Tokenizer for the world's words, a random CLIP text encoder and a random UNet to train
+    together, and the scheduler. The encoder's token and position embeddings start equally
+    wide: CLIP's init (positions 50x narrower than these words) leaves it a bag of words that
+    cannot tell the object's colour from the background's, and training has to undo that."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
@@ -99,6 +101,8 @@ def make_base_skeleton(folder: Path) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     text = tiny_text_encoder(tokenizer)
     torch.nn.init.normal_(text.get_input_embeddings().weight, std=1.0)
+    positions = next(m for n, m in text.named_modules() if n.endswith("position_embedding"))
+    torch.nn.init.normal_(positions.weight, std=1.0)
     text.save_pretrained(folder / "text_encoder")
     UNet2DConditionModel(
         sample_size=SIZE // 4,
@@ -288,8 +292,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("workdir", type=Path)
     p.add_argument("--only", nargs="*", default=(), help="train only these runs")
     p.add_argument("--cache", type=Path, help="carry results and checkpoints through this folder")
+    p.add_argument("--sync-cache", action="store_true", help="only mirror WORKDIR into --cache")
     p.add_argument("--pack", action="store_true", help="copy the results into the package")
     args = p.parse_args(argv)
+    if args.sync_cache:
+        if args.cache is None:
+            p.error("--sync-cache needs --cache DIR")
+        save_cache(args.workdir, args.cache)
+        return
     build(args.workdir, tuple(args.only), args.cache)
     if args.pack:
         pack(args.workdir)

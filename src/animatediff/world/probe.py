@@ -2,23 +2,27 @@
 caption, against the same stills and noise with the shape word changed or with the object's and
 the background's colours swapped, per timestep.
 
-    python -m animatediff.world.probe [--base FOLDER] [--images 96]
+    python -m animatediff.world.probe [--base FOLDER] [--checkpoint DIR] [--images 96]
 
 A ratio (changed / true) of 1.0 means the model ignores that part of the caption at that noise
 level; layout and colours are decided at high noise (t = 500-900), so that is where a model
 that follows its prompt must be above 1. The swap needs a text encoder that knows which colour
 word names the background: a bag of words (a frozen random encoder) scores 1.0 there whatever
-the UNet learns. Cheap (about a second per timestep on a CPU): run it while a base trains.
+the UNet learns. Cheap (seconds on a CPU): run it on a base while it trains, with
+``--checkpoint`` a trainer checkpoint (``OUTPUT/checkpoints/step-N``) of an ``image_finetune``
+run over ``--base``.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..checkpoints.io import load_state_dict
 from .scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, Scene, caption, random_scene, render
 
 TIMESTEPS = (100, 300, 500, 700, 900)
@@ -92,16 +96,29 @@ def caption_ratios(
     }
 
 
+def load_checkpoint(image, folder: str | Path) -> None:
+    """Put an ``image_finetune`` trainer checkpoint's weights (UNet, and the text encoder if it
+    was trained) into ``image``."""
+    weights = load_state_dict(Path(folder) / "trainable.safetensors")
+    for prefix, module in (("unet2d.", image.unet), ("text_encoder.", image.text_encoder)):
+        part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        if part:
+            module.load_state_dict(part)
+
+
 def main(argv: list[str] | None = None) -> None:
     from .. import builtin
     from ..checkpoints.base import load_base
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", help="a diffusers base folder (default: the built-in base)")
+    p.add_argument("--checkpoint", help="a trainer checkpoint folder of a run over --base")
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--seed", type=int, default=5000)
     args = p.parse_args(argv)
     image = load_base(args.base or builtin.builtin_model().base)
+    if args.checkpoint:
+        load_checkpoint(image, args.checkpoint)
     ratios = caption_ratios(image, args.images, TIMESTEPS, args.seed)
     print(f"loss ratio, changed caption / true caption ({args.images} stills)")
     print("timestep      " + " ".join(f"{t:>6}" for t in TIMESTEPS))

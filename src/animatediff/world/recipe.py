@@ -28,7 +28,7 @@ MOTION_LORAS = ("zoom-in", "pan-left")
 # module and every stage trained on it (and so for sampling: the module stores it).
 SHARED_NOISE = 0.5
 BASE_TRAIN = {
-    "steps": 12000,
+    "steps": 10000,
     "batch_size": 64,
     "learning_rate": 1e-3,
     "lr_scheduler": "cosine",
