@@ -373,12 +373,30 @@ def test_build_datasets_render_the_first_items_whatever_the_count(tmp_path):
 
     sets = datasets()
     assert {"images", "videos", "style-stripes", "motion-pan-left"} <= set(sets)
-    _, write = sets["motion-zoom-in"]
-    write(tmp_path / "a", 1)
-    write(tmp_path / "b", 2)
-    for suffix in (".txt", ".mp4"):
-        name = f"clip_00000{suffix}"
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    for name, first in (("style-stripes", "image_00000.png"), ("images", "image_00000.txt")):
+        _, write = sets[name]
+        write(tmp_path / name / "a", 1)
+        write(tmp_path / name / "b", 3)
+        a, b = (tmp_path / name / x / first for x in "ab")
+        assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_stills_can_carry_any_clip_kind_caption_of_their_first_frame(tmp_path):
+    """Half the stills (by the recipe's share) carry a caption of some clip kind, camera
+    kinds too; the scene, and so the image, is the one a static caption would describe."""
+    from animatediff.world.datasets import write_images
+
+    plain = write_images(tmp_path / "plain", 40, seed=3)
+    mixed = write_images(tmp_path / "mixed", 40, seed=3, motion_captions=0.5)
+    kinds = []
+    for a, b in zip(plain, mixed):
+        assert a.read_bytes() == b.read_bytes()  # the same image
+        static, text = (p.with_suffix(".txt").read_text().strip() for p in (a, b))
+        parsed, truth = parse_caption(text), parse_caption(static)
+        assert (parsed.objects, parsed.background) == (truth.objects, truth.background)
+        kinds.append(parsed.kind)
+    assert 10 <= sum(k != "static" for k in kinds) <= 30
+    assert {"move", "zoom-in", "pan-left"} <= set(kinds)
 
 
 def test_probe_captions_change_one_thing_each():
@@ -389,7 +407,9 @@ def test_probe_captions_change_one_thing_each():
     for scene in scenes:
         (sprite,) = scene.sprites
         assert sprite.colour in SWAPPABLE and scene.background in SWAPPABLE
-        texts = {k: parse_caption(v) for k, v in captions(scene).items()}
+        kind = ("static", "move", "pan-left")[len(scene.background) % 3]
+        texts = {k: parse_caption(v) for k, v in captions(scene, kind).items()}
+        assert {t.kind for t in texts.values()} == {kind}
         assert texts["true"].objects == ((sprite.colour, sprite.shape),)
         assert texts["true"].background == scene.background
         (colour, shape), background = texts["shape"].objects[0], texts["shape"].background

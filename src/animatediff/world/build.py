@@ -26,8 +26,10 @@ from .datasets import write_images, write_videos
 from .pack import pack
 from .recipe import (
     DATA,
+    DATA_VERSION,
     EXTRA_WORDS,
     LORA_STUDIES,
+    MOTION_CAPTIONS,
     MOTION_LORAS,
     RESULTS,
     SEED,
@@ -56,7 +58,10 @@ Writer = Callable[[Path, int], object]
 def datasets() -> dict[str, tuple[int, Writer]]:
     """Every data folder of the recipe: how many items, and what writes them."""
     sets: dict[str, tuple[int, Writer]] = {
-        "images": (DATA["images"], lambda f, n: write_images(f, n, SEED)),
+        "images": (
+            DATA["images"],
+            lambda f, n: write_images(f, n, SEED, motion_captions=MOTION_CAPTIONS),
+        ),
         "videos": (DATA["videos"], lambda f, n: write_videos(f, n, SEED + 1, web=True)),
     }
     for style in STYLES:
@@ -76,7 +81,7 @@ def make_data(root: Path) -> None:
     """Every data folder, each marked done with its count when written: a larger count in the
     recipe renders that folder again, to the same first items."""
     for name, (n, write) in datasets().items():
-        done = root / name / f"DONE-{n}"
+        done = root / name / f"DONE-v{DATA_VERSION}-{n}"
         if not done.exists():
             shutil.rmtree(root / name, ignore_errors=True)
             write(root / name, n)
@@ -192,7 +197,7 @@ def _train(config: dict, work: Path) -> list[Path]:
     frames = config["data"]["num_frames"]
     videos = Path(config["data"]["videos"])
     count = len(list(videos.glob("*.txt")))
-    cache = work / "latents" / f"{videos.name}-{frames}f-{count}"
+    cache = work / "latents" / f"{videos.name}-{frames}f-{count}-v{DATA_VERSION}"
     if not (cache / "DONE").exists():
         shutil.rmtree(cache, ignore_errors=True)
         encode_dataset(parse_config(config), cache)
@@ -204,7 +209,7 @@ def _train(config: dict, work: Path) -> list[Path]:
 
 
 def _data_key() -> str:
-    return "-".join(str(n) for n, _ in datasets().values())
+    return f"v{DATA_VERSION}-" + "-".join(str(n) for n, _ in datasets().values())
 
 
 def _assemble_base(work: Path) -> None:

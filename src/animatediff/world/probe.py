@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoints.io import load_state_dict
+from .motion import KINDS
 from .scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, Scene, caption, random_scene, render
 
 TIMESTEPS = (100, 300, 500, 700, 900)
@@ -37,21 +38,32 @@ def probe_scenes(n: int, seed: int = 5000) -> list[Scene]:
     return [random_scene(rng, 1, colours=SWAPPABLE, backgrounds=SWAPPABLE) for _ in range(n)]
 
 
-def captions(scene: Scene) -> dict[str, str]:
-    """The true caption, one with the next shape's word, one with the colours swapped."""
+# The motion words of each caption kind the probe can use (``--kind``).
+KIND_WORDS = {"move": {"direction": "left", "speed": "slowly"}}
+
+
+def captions(scene: Scene, kind: str = "static") -> dict[str, str]:
+    """The true caption (of ``kind``'s grammar), one with the next shape's word, one with the
+    colours swapped."""
     sprite = scene.sprites[0]
     shape = SHAPES[(SHAPES.index(sprite.shape) + 1) % len(SHAPES)]
     swapped = Scene((replace(sprite, colour=scene.background),), sprite.colour)
+    words = KIND_WORDS.get(kind, {})
     return {
-        "true": caption(scene),
-        "shape": caption(replace(scene, sprites=(replace(sprite, shape=shape),))),
-        "swap": caption(swapped),
+        "true": caption(scene, kind, **words),
+        "shape": caption(replace(scene, sprites=(replace(sprite, shape=shape),)), kind, **words),
+        "swap": caption(swapped, kind, **words),
     }
 
 
 @torch.no_grad()
 def caption_losses(
-    image, scenes: list[Scene], timesteps=TIMESTEPS, seed: int = 0, batch: int = 32
+    image,
+    scenes: list[Scene],
+    timesteps=TIMESTEPS,
+    seed: int = 0,
+    batch: int = 32,
+    kind: str = "static",
 ) -> dict[str, list[float]]:
     """Epsilon MSE per timestep for each caption variant of ``captions`` (``image``: an
     ``ImageModel`` with unet, vae, tokenizer and text encoder); every variant of a still gets
@@ -71,7 +83,7 @@ def caption_losses(
         pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
         latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean.float()
         latents = latents * vae.config.scaling_factor
-        texts = [captions(s) for s in chunk]
+        texts = [captions(s, kind) for s in chunk]
         for t_index, t in enumerate(timesteps):
             noise = torch.randn(latents.shape, generator=g).to(device)
             tt = torch.full((len(chunk),), t, device=device)
@@ -86,11 +98,12 @@ def caption_losses(
 
 
 def caption_ratios(
-    image, images: int = 96, timesteps=TIMESTEPS, seed: int = 5000
+    image, images: int = 96, timesteps=TIMESTEPS, seed: int = 5000, kind: str = "static"
 ) -> dict[str, list[float]]:
     """{"shape": [...], "swap": [...]}: the loss with the changed caption over the loss with
-    the true one, per timestep, on ``images`` probe stills."""
-    losses = caption_losses(image, probe_scenes(images, seed), timesteps, seed)
+    the true one, per timestep, on ``images`` probe stills captioned in ``kind``'s grammar
+    (a still is a clip's first frame, so any kind's caption is true of it)."""
+    losses = caption_losses(image, probe_scenes(images, seed), timesteps, seed, kind=kind)
     return {
         name: [x / y for x, y in zip(losses[name], losses["true"])] for name in ("shape", "swap")
     }
@@ -115,12 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="a trainer checkpoint folder of a run over --base")
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--seed", type=int, default=5000)
+    p.add_argument("--kind", default="static", choices=KINDS, help="the captions' grammar")
     args = p.parse_args(argv)
     image = load_base(args.base or builtin.builtin_model().base)
     if args.checkpoint:
         load_checkpoint(image, args.checkpoint)
-    ratios = caption_ratios(image, args.images, TIMESTEPS, args.seed)
-    print(f"loss ratio, changed caption / true caption ({args.images} stills)")
+    ratios = caption_ratios(image, args.images, TIMESTEPS, args.seed, args.kind)
+    print(f"loss ratio, changed caption / true caption ({args.images} stills, {args.kind})")
     print("timestep      " + " ".join(f"{t:>6}" for t in TIMESTEPS))
     for name, label in (("shape", "shape word"), ("swap", "colours swap")):
         print(f"{label:<13} " + " ".join(f"{r:6.3f}" for r in ratios[name]))

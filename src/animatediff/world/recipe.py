@@ -4,7 +4,9 @@ all three read it here (and none imports another).
 
 The recipe's choices, each measured (docs/builtin/README-section.md, docs/builtin/pan-left.md):
 - the text encoder is trained with the base (`train.train_text_encoder`): a frozen random one
-  is a bag of words, and no UNet can learn from it which colour is the background;
+  is a bag of words, and no UNet can learn from it which colour is the background; half the
+  stills carry a motion caption (true of a clip's first frame), else the motion and camera
+  words, unseen, would scramble the encoding of the words after them;
 - the base trains long enough to learn shapes (they are decided at high noise);
 - the motion module and everything trained on it use a mixed noise prior (`noise.shared_noise`,
   PYoCo): a share of each frame's noise is common to the clip, so frames agree on layout and
@@ -22,6 +24,10 @@ SIZE = 64  # pixels; the VAE downsamples by 4 to 16x16 latents
 EXTRA_WORDS = ("best", "quality", "worst", "low", "bad")  # common negative-prompt words
 # Item i of a dataset is drawn from the seed (seed, i): a larger count only adds items.
 DATA = {"images": 12000, "videos": 1200, "style_images": 48, "motion_lora_clips": 30}
+# The share of the base's stills captioned as the first frame of a clip ("a red circle moving
+# left slowly on ...", "zooming in on ..."): the text encoder learns every word with the base.
+MOTION_CAPTIONS = 0.5
+DATA_VERSION = 2  # raised when what a data folder holds changes (its folder is rendered again)
 STYLE_LORA = "outline"  # this personal style also ships as a kohya LoRA
 MOTION_LORAS = ("zoom-in", "pan-left")
 # The fraction of each frame's noise variance common to all frames of a clip, for the motion
