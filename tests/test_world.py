@@ -416,3 +416,26 @@ def test_probe_captions_change_one_thing_each():
         assert (colour, background) == (sprite.colour, scene.background) and shape != sprite.shape
         assert texts["swap"].objects == ((scene.background, sprite.shape),)
         assert texts["swap"].background == sprite.colour
+
+
+def test_probe_ratio_is_one_exactly_when_the_unet_ignores_the_text(tmp_path):
+    """With every cross-attention's output projection zeroed the UNet cannot see the caption:
+    both ratios are 1.0 at every timestep; the same model unchanged reads it (ratios move). A
+    trainer checkpoint loads on top of a base."""
+    from animatediff.builtin import random_model
+    from animatediff.checkpoints.base import load_base
+    from animatediff.checkpoints.io import save_state_dict
+    from animatediff.world.probe import caption_ratios, load_checkpoint
+
+    image = load_base(random_model().base)
+    reads = caption_ratios(image, images=4, timesteps=(300, 700))
+    assert any(abs(r - 1) > 1e-4 for v in reads.values() for r in v), reads
+    blind = {
+        f"unet2d.{k}": torch.zeros_like(v) if "attn2.to_out.0.weight" in k else v
+        for k, v in image.unet.state_dict().items()
+    }
+    (tmp_path / "step-1").mkdir()
+    save_state_dict(blind, tmp_path / "step-1" / "trainable.safetensors")
+    load_checkpoint(image, tmp_path / "step-1")
+    ratios = caption_ratios(image, images=4, timesteps=(300, 700))
+    assert all(r == pytest.approx(1.0, abs=1e-6) for v in ratios.values() for r in v), ratios
