@@ -57,6 +57,7 @@ ROW_KEYS = {
     "colour_alignment",
     "shape_alignment",
     "background_alignment",
+    "background_stability",
     "temporal_consistency",
     "motion_smoothness",
     "dynamic_degree",
@@ -114,6 +115,7 @@ def test_ground_truth_clips_score_high(clips):
     ):
         assert m[key] == 1.0, key
     assert m["motion_alignment_by_kind"] == {k: 1.0 for k in kinds}
+    assert m["background_stability"] == 1.0
     assert m["temporal_consistency"] > 0.8
     assert m["motion_smoothness"] > 0.9
     assert m["dynamic_degree"] == pytest.approx(4 / 5)  # all but the static clip move
@@ -154,6 +156,21 @@ def test_alignment_counts_a_clip_when_most_frames_align(clips):
     many = np.concatenate([frames[:5], blank[:7]])
     assert clip_alignment(few, text)["all"] and not clip_alignment(many, text)["all"]
     assert clip_alignment(many, text)["background"]  # the background still holds
+
+
+def test_background_stability_is_the_share_of_frames_on_the_majority_background(clips):
+    """A clip whose background flickers to another colour in k of its frames is stable in
+    FRAMES - k of them, whichever colour the caption names."""
+    frames, text, meta = clips["static"]
+    candidates = (make_clip(s, num_frames=FRAMES, kind="static") for s in range(200, 260))
+    other = next(
+        c for c in candidates if c[2]["scenes"][0].background != meta["scenes"][0].background
+    )
+    for k in (1, 3, 5):
+        flicker = frames.copy()
+        flicker[1 : 1 + 2 * k : 2] = other[0][1 : 1 + 2 * k : 2]
+        m = clip_metrics([flicker, frames], [text, text])
+        assert m["background_stability"] == pytest.approx((2 * FRAMES - k) / (2 * FRAMES))
 
 
 def test_watermark_rate_of_web_and_clean_frames(clips):
@@ -389,6 +406,9 @@ def test_evaluate_runs_every_row_with_extras(fake_extras):
     for name in ("zoom-in", "pan-r2"):
         assert set(loras[name]["strength"]) == {"1.0", "0.0"}
         assert isinstance(loras[name]["effect"], bool)
+        # quick: judged at the evaluation's one seed, which gives the pooled effect too
+        assert loras[name]["effect_by_seed"] == {"0": loras[name]["effect"]}
+        assert loras[name]["seeds_in_direction"] == int(loras[name]["effect"])
     assert all(s == "ok" or s.startswith("skipped") for s in _statuses(results))
     table = format_table(results)
     assert "| outline-lora + image-layer-trained MM | " in table and "| pan-r2 | extra |" in table

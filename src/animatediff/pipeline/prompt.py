@@ -42,6 +42,7 @@ __all__ = [
     "Chunk",
     "chunk_prompt",
     "encode_prompts",
+    "token_ids",
     "unknown_words",
 ]
 
@@ -174,6 +175,15 @@ def chunk_prompt(
 ) -> list[Chunk]:
     """The 77-token chunks `encode_prompts` encodes for one prompt (see the module docstring)."""
     return _chunks(tokenizer, text, _Names(tokenizer, embeddings), attention_syntax)
+
+
+def token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """(len(prompts), 77): the prompts' token ids read literally, as the official pipelines
+    tokenize (longer prompts truncated); for a text encoder that runs in a training step."""
+    max_length = tokenizer.model_max_length
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 # -- chunks to embeddings ----------------------------------------------------------------------

@@ -118,6 +118,13 @@ class NoiseConfig(_Section):
     timesteps: tuple[int, int] = opt(
         (0, 1000), "[lo, hi)", kind=int, sequence=True, minimum=0, maximum=1000
     )
+    # Video stages: the fraction of the noise variance shared by all frames of a clip (a mixed
+    # noise prior, PYoCo). At high noise it ties the frames' layouts together, and the module
+    # learns to draw on the other frames there. None: the motion module's own (0 for a new
+    # one); the trained module stores it, and sampling draws its noise the same way.
+    shared_noise: float | None = opt(
+        None, "frame-shared noise fraction (video stages)", kind=float, minimum=0, below=1
+    )
 
     def check(self) -> None:
         steps = self.timesteps
@@ -141,6 +148,10 @@ class TrainConfig(_Section):
     # motion stage: also train the image layers (the design the paper argues against; for
     # ablations). The fine-tuned UNet is saved beside the motion module.
     train_image_layers: bool = opt(False, "", kind=bool)
+    # image_finetune: train the text encoder with the UNet (a frozen encoder that has never
+    # learnt which word plays which part cannot be taught it by the UNet); saved as
+    # `text_encoder/` beside `unet/`, the layout of a diffusers base folder.
+    train_text_encoder: bool = opt(False, "image_finetune: train the text encoder", kind=bool)
     mixed_precision: str = opt("no", "", kind=str, choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "", kind=bool)
     gradient_accumulation: int = opt(1, "micro-steps per step", kind=int, minimum=1, maximum=4096)
@@ -262,6 +273,10 @@ class Config(_Section):
         if self.stage in ("motion_lora", "distill") and not self.motion_module:
             what = "the module the LoRA adapts" if self.stage == "motion_lora" else "the teacher"
             raise ConfigError(f"stage {self.stage} needs 'motion_module' ({what})")
+        if self.train.train_text_encoder and self.stage != "image_finetune":
+            raise ConfigError(
+                f"train.train_text_encoder is for stage image_finetune, not {self.stage!r}"
+            )
 
     @property
     def video(self) -> bool:

@@ -84,10 +84,16 @@ class ConsistencySolver:
 
 
 def draw(
-    shape: tuple[int, ...], solver: ConsistencySolver, config: DistillConfig, gens, offset: float
+    shape: tuple[int, ...],
+    solver: ConsistencySolver,
+    config: DistillConfig,
+    gens,
+    offset: float,
+    shared: float = 0.0,
 ):
-    """Each sample's noise, grid timestep and guidance scale, from its own generator."""
-    noise = sample_noise(shape, gens, offset)
+    """Each sample's noise (with the teacher's noise prior), grid timestep and guidance scale,
+    from its own generator."""
+    noise = sample_noise(shape, gens, offset, shared)
     index = torch.stack([torch.randint(solver.solver_steps, (), generator=g) for g in gens])
     lo, hi = config.guidance_scale
     w = torch.stack(
@@ -123,11 +129,12 @@ def consistency_loss(
     config: DistillConfig,
     generators: list[torch.Generator],
     offset_noise: float = 0.0,
+    shared_noise: float = 0.0,
 ) -> torch.Tensor:
     """The consistency-distillation loss of one batch (module docstring), mean over samples.
     The teacher and target run first (no gradient), the student last."""
     device = latents.device
-    noise, t, w = draw(tuple(latents.shape), solver, config, generators, offset_noise)
+    noise, t, w = draw(tuple(latents.shape), solver, config, generators, offset_noise, shared_noise)
     noise, t = noise.to(device), t.to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     with torch.no_grad():

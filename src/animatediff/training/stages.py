@@ -93,7 +93,9 @@ class TrainModel(nn.Module):
         self.unet2d.requires_grad_(False)
         self.motion: MotionModules | None = None
         self.lora: LoRASet | None = None
+        self.text_encoder: nn.Module | None = None
         self.video = config.video
+        self.shared_noise = 0.0  # video stages: the noise prior trained with (set below)
         # distill: the teacher's motion module and the target network (an EMA of the student)
         self.teacher_motion: MotionModules | None = None
         self.target_motion: MotionModules | None = None
@@ -105,6 +107,10 @@ class TrainModel(nn.Module):
                 config.adapter_scale,
             )
         getattr(self, f"_build_{config.stage}")(config)
+        if config.train.train_text_encoder:  # image_finetune only (the config checks)
+            # A submodule, so that it is trained, checkpointed and wrapped by Accelerate with
+            # the UNet; forward then takes token ids.
+            self.text_encoder = image.text_encoder.requires_grad_(True)
         self.motion_unet = MotionUNet(self.unet2d, self.motion) if self.video else None
         if self.teacher_motion is not None:
             self.teacher_unet = MotionUNet(self.unet2d, self.teacher_motion)
@@ -128,12 +134,14 @@ class TrainModel(nn.Module):
             fields.setdefault("layers_per_block", self.unet2d.config.layers_per_block)
             fields.setdefault("max_frames", max(preset.max_frames, frames))
             self.motion = MotionModules(preset.replace(**fields))
+        self._set_shared_noise(config)
         self.motion.requires_grad_(True)
         if config.train.train_image_layers:
             self.unet2d.requires_grad_(True)
 
     def _build_motion_lora(self, config: Config) -> None:
         self.motion = load_motion_module(config.motion_module)
+        self._set_shared_noise(config)
         self.motion.requires_grad_(False)
         targets = motion_attention_targets(self.motion)
         self.lora = LoRASet.create(self.motion, targets, config.train.rank).attach(self.motion)
@@ -142,6 +150,7 @@ class TrainModel(nn.Module):
         """Student and target start as copies of the teacher (AnimateLCM initialises from it)."""
         self.teacher_motion = _continued_module(config).requires_grad_(False)
         self.motion = copy.deepcopy(self.teacher_motion).requires_grad_(True)
+        self._set_shared_noise(config)  # the student samples with the teacher's noise prior
         self.target_motion = copy.deepcopy(self.teacher_motion)
         rank = config.distill.lora_rank
         if rank:
@@ -193,6 +202,13 @@ class TrainModel(nn.Module):
             parts["lora.layers."] = self.target_lora.layers
         return {p + k: v for p, module in parts.items() for k, v in module.named_parameters()}
 
+    def _set_shared_noise(self, config: Config) -> None:
+        """The noise prior of this run: the config's, else the module's own; stored in the
+        module's config, so that the saved module (and validation) samples with it."""
+        shared = config.train.noise.shared_noise
+        self.shared_noise = self.motion.config.shared_noise if shared is None else shared
+        self.motion.config = self.motion.config.replace(shared_noise=self.shared_noise)
+
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -206,7 +222,10 @@ class TrainModel(nn.Module):
             self.motion_unet.gradient_checkpointing = on
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """noisy (b, c, f, h, w) for video stages, (b, c, h, w) for image stages."""
+        """noisy (b, c, f, h, w) for video stages, (b, c, h, w) for image stages; text: the
+        prompt embeddings, or token ids when the text encoder is trained."""
+        if self.text_encoder is not None:
+            text = self.text_encoder(text)[0]
         if self.video:
             return self.motion_unet(noisy, t, text)
         return self.unet2d(noisy, t, text, return_dict=False)[0]
@@ -252,7 +271,10 @@ class TrainModel(nn.Module):
                 )
             ]
         self.unet2d.save_pretrained(folder / "unet")
-        return [folder / "unet"]
+        if self.text_encoder is None:
+            return [folder / "unet"]
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        return [folder / "unet", folder / "text_encoder"]
 
     def _save_distilled(self, folder: Path, config: Config, meta: dict) -> list[Path]:
         """The student motion module (and image LoRA), carrying the release metadata that makes

@@ -7,6 +7,7 @@ sees. Checkpoints: `checkpoint.py`; the output folder's rules: `outputs.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -28,7 +29,7 @@ from ..builtin.model import resolve
 from ..checkpoints.base import load_base
 from ..errors import CheckpointError, UserError
 from ..motion.frames import fold_frames, unfold_frames
-from ..pipeline.prompt import encode_prompts
+from ..pipeline.prompt import encode_prompts, token_ids
 from .checkpoint import Checkpoints, RunState
 from .config import Config, ConfigError
 from .data import EncodedClips, VideoClips, check_clips, collate, collate_encoded, find_clips
@@ -68,6 +69,9 @@ class Trainer:
             use_safe_groupnorm(self.model)
         self.noise_scheduler = make_noise_scheduler(self.train.noise)
         self.solver, self.uncond = self._build_distillation()
+        # The noise prior as the stage resolved it (a motion module's own shared_noise).
+        shared = self.model.shared_noise if self.model.video else None
+        self.noise = dataclasses.replace(self.train.noise, shared_noise=shared)
         self.optimizer = self._build_optimizer()
         self.ema = self._build_ema()
         self.step = 0
@@ -321,7 +325,7 @@ class Trainer:
         """The stage's objective: denoising, or consistency distillation from the teacher."""
         if self.solver is None:
             predict = lambda x, t: self.model(x, t, text)  # noqa: E731
-            return diffusion_loss(predict, latents, self.noise_scheduler, self.train.noise, gens)
+            return diffusion_loss(predict, latents, self.noise_scheduler, self.noise, gens)
         model, uncond = self.unwrapped, self.uncond.expand(len(latents), -1, -1)
         return consistency_loss(
             lambda x, t: self.model(x, t, text),
@@ -332,7 +336,8 @@ class Trainer:
             self.solver,
             self.config.distill,
             gens,
-            self.train.noise.offset_noise,
+            self.noise.offset_noise,
+            self.noise.shared_noise or 0.0,
         )
 
     def _after_update(self) -> None:
@@ -378,7 +383,11 @@ class Trainer:
             c if torch.rand((), generator=g) >= self.config.data.caption_dropout else ""
             for c, g in zip(batch["captions"], gens)
         ]
-        text = encode_prompts(self.image.tokenizer, self.image.text_encoder, captions)
+        if self.unwrapped.text_encoder is not None:  # trained: it encodes in the forward pass
+            return latents, token_ids(self.image.tokenizer, captions).to(device)
+        text = encode_prompts(
+            self.image.tokenizer, self.image.text_encoder, captions, attention_syntax=False
+        )
         return latents, text
 
     def _posterior(self, pixels: torch.Tensor):

@@ -30,6 +30,8 @@ Clip metrics (a clip is one prompt and seed; "in most frames" = in more than hal
                         the named shape (``detect.classify_shape``)
   background_alignment  share of clips where, in most frames, the frame border has the named
                         background colour
+  background_stability  share of frames whose background colour is their clip's commonest one
+                        (1.0: no clip's background flickers)
   temporal_consistency  mean ``detect.temporal_consistency``: the first frame's object keeps its
                         colour and shape, times the mean IoU of consecutive centred masks
   motion_smoothness     mean ``detect.motion_smoothness`` of the first frame's dominant object's
@@ -55,6 +57,8 @@ missing in the first or last frame are left out):
   motion_alignment      mean ``detect.motion_alignment`` for the camera caption
   effect                zoom-in: area_ratio at 1 is > 1 and above that at 0; pan-left: dx at 1
                         has the sign of PAN_LEFT_DX and is larger along it than at 0
+  effect_by_seed        ``effect`` of each of ``CAMERA_SEEDS`` alone (its camera prompts at that
+                        seed, strength 1 vs 0), and ``seeds_in_direction``: how many hold
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +91,7 @@ from .detect import (
     track,
 )
 from .motion import PAN_LEFT_DX
+from .recipe import DATA, MOTION_LORAS, STYLE_LORA
 from .scene import Scene, Sprite, caption, parse_caption
 from .styles import STYLES
 
@@ -97,6 +102,7 @@ GUIDANCE_SCALE = 7.5
 NEGATIVE_PROMPT = ""
 SEEDS = (0,)  # one seed per prompt keeps a full run to minutes on a CPU
 QUICK_SEEDS = (0,)
+CAMERA_SEEDS = tuple(range(8))  # a MotionLoRA must move its way at (nearly) every one
 STILLS_MIN = 1e-6  # a stills style score below this makes the domain similarity undefined
 SKIPPED = "skipped: not installed"
 
@@ -174,6 +180,13 @@ def clip_alignment(frames, text: str) -> dict[str, bool]:
     return {k: float(np.mean([c[k] for c in checks])) > 0.5 for k in checks[0]}
 
 
+def _majority_background(frames) -> list[bool]:
+    """Per frame: is its background colour the clip's commonest?"""
+    colours = [background_colour(f) for f in as_frames(frames)]
+    commonest = max(set(colours), key=colours.count)
+    return [c == commonest for c in colours]
+
+
 def watermark_rate(frames: Iterable) -> float | None:
     """Share of frames with a watermark (``detect.has_watermark``)."""
     return _mean(has_watermark(f) for f in frames)
@@ -196,6 +209,7 @@ def clip_metrics(clips: Sequence, captions: Sequence[str]) -> dict:
         "colour_alignment": _mean(a["colour"] for a in aligned),
         "shape_alignment": _mean(a["shape"] for a in aligned),
         "background_alignment": _mean(a["background"] for a in aligned),
+        "background_stability": _mean(f for c in clips for f in _majority_background(c)),
         "temporal_consistency": _mean(temporal_consistency(c) for c in clips),
         "motion_smoothness": _mean(motion_smoothness(track(c)) for c in clips),
         "dynamic_degree": _mean(is_dynamic(c) for c in clips),
@@ -392,8 +406,6 @@ def lora_rank(path: str | os.PathLike) -> int | None:
 
 def _builtin_names() -> tuple[tuple[str, ...], tuple[str, ...], int]:
     """Personal styles and MotionLoRAs the built-in model ships, and its MotionLoRA clip count."""
-    from .build import DATA, MOTION_LORAS, STYLE_LORA
-
     return (*STYLES, f"{STYLE_LORA}-lora"), MOTION_LORAS, DATA["motion_lora_clips"]
 
 
@@ -411,6 +423,7 @@ def evaluate(
     extra_motion_loras: Mapping[str, tuple[str | os.PathLike, Mapping]] | None = None,
     device: str | None = None,
     size: int = SIZE,
+    camera_seeds: Sequence[int] | None = None,
 ) -> dict:
     """Generate with the built-in model and its extras and measure them (module docstring).
 
@@ -419,7 +432,8 @@ def evaluate(
     ``progress``: called with one line per step (None: silent). ``extra_motion_loras``:
     ``{name: (path, info)}`` with info such as ``{"rank": 2, "clips": 10}`` (and optionally
     ``"kind"``: "zoom-in" or "pan-left", else read from the name), reported beside the built-in
-    MotionLoRAs. Returns ``{"settings", "model", "main", "personal", "baselines": {"frame_by_frame",
+    MotionLoRAs. ``camera_seeds``: the seeds each MotionLoRA's effect is judged at one by one
+    (default ``CAMERA_SEEDS``; quick: the evaluation's seeds). Returns ``{"settings", "model", "main", "personal", "baselines": {"frame_by_frame",
     "image_layers"}, "adapter", "motion_loras", "seconds"}``.
     """
     import torch
@@ -433,6 +447,9 @@ def evaluate(
     prompts = QUICK_PROMPTS if quick else PROMPTS[:num_prompts]
     seeds = tuple(int(s) for s in (seeds if seeds is not None else QUICK_SEEDS if quick else SEEDS))
     camera = {k: v[:1] if quick else v for k, v in CAMERA_PROMPTS.items()}
+    if camera_seeds is None:
+        camera_seeds = seeds if quick else CAMERA_SEEDS
+    camera_seeds = tuple(int(s) for s in camera_seeds)
     sample = _Sampler(steps, guidance_scale, num_frames, size, seeds)
     model = builtin_model()
     manifest = builtin.manifest()
@@ -447,6 +464,7 @@ def evaluate(
             "seeds": list(seeds),
             "prompts": list(prompts),
             "camera_prompts": {k: list(v) for k, v in camera.items()},
+            "camera_seeds": list(camera_seeds),
             "negative_prompt": NEGATIVE_PROMPT,
             "quick": quick,
             "device": str(device),
@@ -475,6 +493,7 @@ def evaluate(
         results["motion_loras"] = _motion_lora_rows(
             pipe,
             sample,
+            camera_seeds,
             camera,
             manifest,
             extra_motion_loras,
@@ -579,9 +598,14 @@ def _adapter_off(main: Mapping) -> dict:
     return {**main, "model": "base + motion module (adapter 0.0)", "adapter_scale": 0.0}
 
 
+def _camera_motion(generated: Generated) -> dict:
+    return camera_motion(_clips(generated), _texts(generated))
+
+
 def _motion_lora_rows(
     pipe,
     sample: _Sampler,
+    camera_seeds: Sequence[int],
     camera: Mapping[str, Sequence[str]],
     manifest: Mapping,
     extras: Mapping | None,
@@ -589,8 +613,9 @@ def _motion_lora_rows(
     builtin_clips: int,
     log: Log,
 ) -> dict:
-    """Every MotionLoRA attached to ``pipe`` in turn, at strength 1 and 0 on camera prompts;
-    the strength-0 clips of a prompt set are generated once."""
+    """Every MotionLoRA attached to ``pipe`` in turn, at strength 1 and 0 on camera prompts,
+    at the evaluation's seeds (pooled) and at each of ``camera_seeds`` alone; the strength-0
+    clips of a prompt set and seed are generated once."""
     from .. import builtin
 
     entries: dict[str, tuple[Path | None, dict, str]] = {}
@@ -601,7 +626,8 @@ def _motion_lora_rows(
         entries[name] = (path, {"clips": builtin_clips, **info}, "builtin")
     for name, (path, info) in (extras or {}).items():
         entries[name] = (Path(path), dict(info), "extra")
-    off_cache: dict[tuple[str, ...], dict] = {}
+    seeds = tuple(dict.fromkeys([*sample.seeds, *camera_seeds]))
+    off_cache: dict[tuple, Generated] = {}  # strength 0 = no MotionLoRA: shared by all
     rows = {}
     for name, (path, info, source) in entries.items():
         kind = _kind_of_motion_lora(name, info)
@@ -616,22 +642,31 @@ def _motion_lora_rows(
         prompts = tuple(camera[kind] if kind in camera else [p for v in camera.values() for p in v])
 
         def measure(name=name, path=path, kind=kind, prompts=prompts) -> dict:
-            log(f"[evaluate] MotionLoRA {name} ({kind}) at strength 1 and 0")
+            log(f"[evaluate] MotionLoRA {name} ({kind}) at strength 1 and 0, seeds {seeds}")
             label = pipe.add_motion_lora(path, 1.0, name=f"evaluate:{name}")
             try:
-                gen = sample(pipe, prompts)
-                on = camera_motion(_clips(gen), _texts(gen))
-                if prompts not in off_cache:
-                    pipe.set_motion_lora_strength(label, 0.0)
-                    gen = sample(pipe, prompts)
-                    off_cache[prompts] = camera_motion(_clips(gen), _texts(gen))
+                on = {s: replace(sample, seeds=(s,))(pipe, prompts) for s in seeds}
+                pipe.set_motion_lora_strength(label, 0.0)
+                for s in seeds:
+                    if (prompts, s) not in off_cache:
+                        off_cache[prompts, s] = replace(sample, seeds=(s,))(pipe, prompts)
             finally:
                 pipe.remove_motion_lora(label)
-            off = off_cache[prompts]
+            off = {s: off_cache[prompts, s] for s in seeds}
+            strength = {
+                key: _camera_motion([g for s in sample.seeds for g in gens[s]])
+                for key, gens in (("1.0", on), ("0.0", off))
+            }
+            by_seed = {
+                str(s): camera_effect(kind, _camera_motion(on[s]), _camera_motion(off[s]))
+                for s in camera_seeds
+            }
             return {
                 "status": "ok",
-                "strength": {"1.0": on, "0.0": off},
-                "effect": camera_effect(kind, on, off),
+                "strength": strength,
+                "effect": camera_effect(kind, strength["1.0"], strength["0.0"]),
+                "effect_by_seed": by_seed,
+                "seeds_in_direction": sum(bool(v) for v in by_seed.values()),
             }
 
         rows[name] = {**row, **_guarded(f"MotionLoRA {name}", log, measure)}
@@ -664,6 +699,7 @@ QUALITY_COLUMNS = (
     ("colour", "colour_alignment"),
     ("shape", "shape_alignment"),
     ("background", "background_alignment"),
+    ("bg. stable", "background_stability"),
     ("consistency", "temporal_consistency"),
     ("smoothness", "motion_smoothness"),
     ("dynamic", "dynamic_degree"),
@@ -757,6 +793,7 @@ def format_table(results: Mapping) -> str:
                 on["motion_alignment"],
                 off["motion_alignment"],
                 row.get("effect"),
+                f"{row.get('seeds_in_direction')} of {len(row.get('effect_by_seed', {}))}",
             ]
         )
     lines += _table(
@@ -773,6 +810,7 @@ def format_table(results: Mapping) -> str:
             "motion s=1",
             "s=0",
             "effect",
+            "seeds in direction",
         ],
         lora_rows,
     )
@@ -831,6 +869,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--frames", type=int, default=NUM_FRAMES)
     p.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
+    p.add_argument(
+        "--camera-seeds",
+        type=int,
+        nargs="+",
+        help=f"seeds a MotionLoRA is judged at one by one (default: {CAMERA_SEEDS[0]}-{CAMERA_SEEDS[-1]})",
+    )
     p.add_argument("--quick", action="store_true", help="2 prompts, 1 seed")
     p.add_argument("--prompts", type=int, help=f"the first N of the {len(PROMPTS)} prompts")
     p.add_argument("--device")
@@ -865,6 +909,7 @@ def run(args: argparse.Namespace) -> dict:
         quick=args.quick,
         num_prompts=args.prompts,
         seeds=args.seeds,
+        camera_seeds=args.camera_seeds,
         extra_motion_loras=dict(args.extra_motion_lora),
         device=args.device,
     )

@@ -14,7 +14,7 @@ import torch
 
 from ..builtin import PACKAGE_DATA
 from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict
-from .build import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
+from .recipe import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
 from .styles import STYLES
 
 
