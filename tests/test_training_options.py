@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from animatediff.builtin import random_model
+from animatediff.builtin.model import random_model
 from animatediff.training import ConfigError, parse_config, train
 from animatediff.training.config import NoiseConfig
 from animatediff.training.loss import diffusion_loss, make_noise_scheduler, sample_noise

@@ -422,7 +422,7 @@ def test_probe_ratio_is_one_exactly_when_the_unet_ignores_the_text(tmp_path):
     """With every cross-attention's output projection zeroed the UNet cannot see the caption:
     both ratios are 1.0 at every timestep; the same model unchanged reads it (ratios move). A
     trainer checkpoint loads on top of a base."""
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
     from animatediff.checkpoints.base import load_base
     from animatediff.checkpoints.io import save_state_dict
     from animatediff.world.probe import caption_ratios, load_checkpoint
