@@ -258,17 +258,7 @@ class AnimationPipeline:
             pipe.embeddings.load(resolve(path, "embedding"))
         for path, strength in _strength_pairs(motion_loras):
             pipe.add_motion_lora(resolve(path, "motion_lora"), strength)
-        if sparsectrl is not None:
-            pipe.sparsectrl = load_sparsectrl(resolve(sparsectrl, "sparsectrl"), image.unet)
-        if controlnets is not None:
-            paths = [controlnets] if isinstance(controlnets, str | Path) else list(controlnets)
-            pipe.controlnets = [
-                load_controlnet(resolve(p, "controlnet"), image.unet) for p in paths
-            ]
-        if ip_adapter is not None:
-            ip_file = resolve(ip_adapter, "ip_adapter")
-            encoder = resolve(image_encoder or ip_file.parent / "image_encoder", "image_encoder")
-            pipe.ip_adapter = load_ip_adapter(ip_file, encoder, image.unet)
+        pipe._load_conditioners(sparsectrl, controlnets, ip_adapter, image_encoder)
         pipe.to(device, dtype)
         pipe.optimize(
             compile, cuda_graphs=cuda_graphs, fuse_qkv=fuse_qkv, channels_last=channels_last
@@ -276,6 +266,19 @@ class AnimationPipeline:
         if offload != "none":
             pipe.enable_offload(offload, device)
         return pipe
+
+    def _load_conditioners(self, sparsectrl, controlnets, ip_adapter, image_encoder) -> None:
+        """The SparseCtrl encoder, ControlNets and IP-Adapter named to `load` (see there)."""
+        unet = self.unet.unet
+        if sparsectrl is not None:
+            self.sparsectrl = load_sparsectrl(resolve(sparsectrl, "sparsectrl"), unet)
+        if controlnets is not None:
+            paths = [controlnets] if isinstance(controlnets, str | Path) else list(controlnets)
+            self.controlnets = [load_controlnet(resolve(p, "controlnet"), unet) for p in paths]
+        if ip_adapter is not None:
+            ip_file = resolve(ip_adapter, "ip_adapter")
+            encoder = resolve(image_encoder or ip_file.parent / "image_encoder", "image_encoder")
+            self.ip_adapter = load_ip_adapter(ip_file, encoder, unet)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """Move and cast every model (offloading ends). The VAE takes the same dtype: in fp16
