@@ -21,7 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTokenizer
 
+from ..builtin import write_word_tokenizer
+from ..builtin.model import tiny_text_encoder
+from ..schedule import ANIMATEDIFF_SCHEDULE
+from ..training import parse_config, train
+from ..training.encode import encode_dataset
+from ..video import read_video
 from .datasets import write_images, write_videos
 from .pack import pack
 from .recipe import (
@@ -95,13 +103,6 @@ def make_base_skeleton(folder: Path) -> None:
     together, and the scheduler. The encoder's token and position embeddings start equally
     wide: CLIP's init (positions 50x narrower than these words) leaves it a bag of words that
     cannot tell the object's colour from the background's, and training has to undo that."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    from ..builtin import write_word_tokenizer
-    from ..builtin.model import tiny_text_encoder
-    from ..schedule import ANIMATEDIFF_SCHEDULE
-
     torch.manual_seed(SEED)
     write_word_tokenizer(folder / "tokenizer", tuple(VOCABULARY) + EXTRA_WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -141,10 +142,6 @@ def make_base_skeleton(folder: Path) -> None:
 def train_vae(data: Path, folder: Path, steps: int = 1600, batch: int = 16) -> None:
     """A small KL autoencoder (x4 downsampling) on stills and video frames; its latents are
     scaled to unit variance as SD's 0.18215 does for SD's VAE."""
-    from diffusers import AutoencoderKL
-
-    from ..video import read_video
-
     torch.manual_seed(SEED)
     files = (
         sorted((data / "images").glob("*.png"))[:1500]
@@ -189,9 +186,6 @@ def _train(config: dict, work: Path) -> list[Path]:
     """One `animatediff train` run, on latents pre-encoded once per dataset and clip length
     (`animatediff train --encode`): the VAE would otherwise cost more than the UNet. A run
     with a checkpoint continues from it."""
-    from ..training import parse_config, train
-    from ..training.encode import encode_dataset
-
     config = {"report_to": [], "checkpoint": {"every": 250, "keep": 1}, **config}
     config["data"] = {"sample_size": SIZE, "num_workers": 0, **config["data"]}
     config["train"] = {"seed": SEED, "log_every": 25, **config["train"]}

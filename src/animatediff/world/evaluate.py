@@ -65,209 +65,43 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import math
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
 
-from .detect import (
-    MIN_AREA,
-    as_frames,
-    background_colour,
-    classify_shape,
-    has_watermark,
-    is_dynamic,
-    motion_alignment,
-    motion_smoothness,
-    object_mask,
-    style_scores,
-    temporal_consistency,
-    track,
+from .. import builtin
+from ..builtin.model import builtin_model
+from ..checkpoints.io import load_state_dict
+from ..pipeline import AnimationPipeline
+from .compare import run_comparison
+from .evaluate_settings import (
+    CAMERA_PROMPTS,
+    CAMERA_SEEDS,
+    GUIDANCE_SCALE,
+    NEGATIVE_PROMPT,
+    NUM_FRAMES,
+    PROMPTS,
+    QUICK_PROMPTS,
+    QUICK_SEEDS,
+    SEEDS,
+    SIZE,
+    STEPS,
+    add_arguments,
 )
-from .motion import PAN_LEFT_DX
+from .metrics import Clip, camera_effect, camera_motion, clip_metrics, domain_similarity
 from .recipe import DATA, MOTION_LORAS, STYLE_LORA
-from .scene import Scene, Sprite, caption, parse_caption
+from .report import format_table, save_results
 from .styles import STYLES
 
-SIZE = 64
-NUM_FRAMES = 16
-STEPS = 25
-GUIDANCE_SCALE = 7.5
-NEGATIVE_PROMPT = ""
-SEEDS = (0,)  # one seed per prompt keeps a full run to minutes on a CPU
-QUICK_SEEDS = (0,)
-CAMERA_SEEDS = tuple(range(8))  # a MotionLoRA must move its way at (nearly) every one
-STILLS_MIN = 1e-6  # a stills style score below this makes the domain similarity undefined
 SKIPPED = "skipped: not installed"
 
-
-def _prompt(kind: str, *sprites: tuple[str, str], background: str, **words) -> str:
-    scene = Scene(tuple(Sprite(shape, colour) for shape, colour in sprites), background)
-    return caption(scene, kind, **words)
-
-
-# Every colour, shape and background, and each object motion (two per motion kind).
-PROMPTS: tuple[str, ...] = (  # ordered so that any first N covers the kinds of motion evenly
-    _prompt("static", ("circle", "red"), background="black"),
-    _prompt("move", ("square", "blue"), background="white", direction="left", speed="slowly"),
-    _prompt("grow", ("circle", "yellow"), background="green"),
-    _prompt("shrink", ("triangle", "blue"), background="black"),
-    _prompt("turn", ("square", "purple"), background="white"),
-    _prompt("move", ("triangle", "white"), background="green", direction="right", speed="quickly"),
-    _prompt("static", ("star", "yellow"), ("circle", "red"), background="blue"),
-    _prompt("move", ("circle", "purple"), background="black", direction="right", speed="slowly"),
-    _prompt("move", ("star", "green"), background="white", direction="left", speed="quickly"),
-    _prompt("grow", ("square", "red"), background="blue"),
-    _prompt("shrink", ("star", "white"), background="blue"),
-    _prompt("turn", ("triangle", "green"), background="black"),
-)
-QUICK_PROMPTS: tuple[str, ...] = (PROMPTS[1], PROMPTS[0])  # one moving, one static
-CAMERA_PROMPTS: dict[str, tuple[str, ...]] = {
-    "zoom-in": (
-        _prompt("zoom-in", ("circle", "red"), background="blue"),
-        _prompt("zoom-in", ("square", "green"), background="black"),
-        _prompt("zoom-in", ("triangle", "yellow"), background="white"),
-    ),
-    "pan-left": (
-        _prompt("pan-left", ("star", "white"), background="green"),
-        _prompt("pan-left", ("circle", "purple"), background="white"),
-        _prompt("pan-left", ("square", "blue"), background="black"),
-    ),
-}
-
-Clip = np.ndarray  # (F, H, W, 3) uint8
 Generated = list[tuple[str, Clip]]  # (caption, clip) per prompt and seed
 Log = Callable[[str], object]
-
-
-# --- metrics on clips (numpy only) ---------------------------------------------------------
-
-
-def _mean(values: Iterable) -> float | None:
-    values = [float(v) for v in values]
-    return float(np.mean(values)) if values else None
-
-
-def frame_alignment(frame, text: str) -> dict[str, bool]:
-    """Which claims of the caption hold in one frame: ``colour`` (every named colour covers an
-    object), ``shape`` (each has its named shape), ``background``, and ``all`` of them."""
-    rgb = as_frames(frame)
-    parsed = parse_caption(text)
-    colour = shape = True
-    for name, form in parsed.objects:
-        mask = object_mask(rgb, name)
-        colour = colour and bool(mask.mean() >= MIN_AREA)
-        shape = shape and classify_shape(mask) == form
-    background = parsed.background is None or background_colour(rgb) == parsed.background
-    ok = bool(parsed.objects) or parsed.background is not None
-    return {
-        "colour": colour,
-        "shape": shape,
-        "background": background,
-        "all": ok and colour and shape and background,
-    }
-
-
-def clip_alignment(frames, text: str) -> dict[str, bool]:
-    """Each claim of ``frame_alignment`` for a clip: true when it holds in most frames."""
-    checks = [frame_alignment(f, text) for f in as_frames(frames)]
-    return {k: float(np.mean([c[k] for c in checks])) > 0.5 for k in checks[0]}
-
-
-def _majority_background(frames) -> list[bool]:
-    """Per frame: is its background colour the clip's commonest?"""
-    colours = [background_colour(f) for f in as_frames(frames)]
-    commonest = max(set(colours), key=colours.count)
-    return [c == commonest for c in colours]
-
-
-def watermark_rate(frames: Iterable) -> float | None:
-    """Share of frames with a watermark (``detect.has_watermark``)."""
-    return _mean(has_watermark(f) for f in frames)
-
-
-def clip_metrics(clips: Sequence, captions: Sequence[str]) -> dict:
-    """The clip metrics of the module docstring over clips and their captions."""
-    if len(clips) != len(captions):
-        raise ValueError(f"{len(clips)} clips for {len(captions)} captions")
-    clips = [as_frames(c) for c in clips]
-    aligned = [clip_alignment(c, t) for c, t in zip(clips, captions)]
-    kinds = [parse_caption(t).kind for t in captions]
-    motion = [motion_alignment(c, t) for c, t in zip(clips, captions)]
-    frames = [f for c in clips for f in c]
-    styles = [style_scores(f) for f in frames]
-    names = list(styles[0]) if styles else ["plain", *STYLES]
-    return {
-        "clips": len(clips),
-        "text_alignment": _mean(a["all"] for a in aligned),
-        "colour_alignment": _mean(a["colour"] for a in aligned),
-        "shape_alignment": _mean(a["shape"] for a in aligned),
-        "background_alignment": _mean(a["background"] for a in aligned),
-        "background_stability": _mean(f for c in clips for f in _majority_background(c)),
-        "temporal_consistency": _mean(temporal_consistency(c) for c in clips),
-        "motion_smoothness": _mean(motion_smoothness(track(c)) for c in clips),
-        "dynamic_degree": _mean(is_dynamic(c) for c in clips),
-        "motion_alignment": _mean(motion),
-        "motion_alignment_by_kind": {
-            k: _mean(m for m, kind in zip(motion, kinds) if kind == k) for k in dict.fromkeys(kinds)
-        },
-        "watermark_rate": watermark_rate(frames),
-        "style_scores": {s: _mean(d[s] for d in styles) for s in names},
-        "style_rate": {s: _mean(max(d, key=d.get) == s for d in styles) for s in names},
-    }
-
-
-def domain_similarity(metrics: Mapping, stills: Mapping, style: str | None) -> dict:
-    """Style score of a row's frames, of the same model's stills, and their ratio."""
-    if style is None:
-        return {"style_score": None, "style_score_stills": None, "domain_similarity": None}
-    score = metrics["style_scores"].get(style)
-    reference = stills["style_scores"].get(style)
-    ratio = None
-    if score is not None and reference is not None and reference >= STILLS_MIN:
-        ratio = score / reference
-    return {"style_score": score, "style_score_stills": reference, "domain_similarity": ratio}
-
-
-def camera_motion(clips: Sequence, captions: Sequence[str]) -> dict:
-    """MotionLoRA metrics of the module docstring: area ratio and x displacement of the
-    caption's first-named object from the first to the last frame."""
-    ratios, dxs = [], []
-    for clip, text in zip(clips, captions):
-        parsed = parse_caption(text)
-        path = track(clip, parsed.objects[0][0] if parsed.objects else None)
-        (x0, _, a0), (x1, _, a1) = path[0], path[-1]
-        if math.isnan(x0) or math.isnan(x1):
-            continue
-        ratios.append(a1 / a0)
-        dxs.append(x1 - x0)
-    return {
-        "clips": len(clips),
-        "area_ratio": _mean(ratios),
-        "dx": _mean(dxs),
-        "tracked": _mean([1.0] * len(ratios) + [0.0] * (len(clips) - len(ratios))),
-        "motion_alignment": _mean(motion_alignment(c, t) for c, t in zip(clips, captions)),
-    }
-
-
-def camera_effect(kind: str | None, on: Mapping, off: Mapping) -> bool | None:
-    """Whether a MotionLoRA of ``kind`` does its motion: strength 1 (``on``) vs 0 (``off``)."""
-    if kind == "zoom-in":
-        if on["area_ratio"] is None:
-            return False
-        return on["area_ratio"] > 1 and on["area_ratio"] > (off["area_ratio"] or 0.0)
-    if kind == "pan-left":
-        if on["dx"] is None:
-            return False
-        along = on["dx"] * PAN_LEFT_DX
-        return along > 0 and along > (off["dx"] or 0.0) * PAN_LEFT_DX
-    return None
 
 
 # --- generation ---------------------------------------------------------------------------
@@ -285,7 +119,6 @@ class _Sampler:
     negative_prompt: str = NEGATIVE_PROMPT
 
     def __call__(self, pipe, prompts: Sequence[str], motion_scale: float = 1.0) -> Generated:
-        import torch
 
         out: Generated = []
         for seed in self.seeds:
@@ -318,13 +151,9 @@ class _Pipelines:
 
     def get(self, key: str, unet_folder: Path | None = None, **load):
         if key not in self._pipes:
-            from ..pipeline import AnimationPipeline
-
             self.log(f"[evaluate] loading {key}")
             pipe = AnimationPipeline.load(**load, device=self.device)
             if unet_folder is not None:  # the baseline's own fine-tuned image layers
-                from diffusers import UNet2DConditionModel
-
                 sd = UNet2DConditionModel.from_pretrained(unet_folder).state_dict()
                 pipe.unet.unet.load_state_dict(sd)
             self._pipes[key] = pipe
@@ -335,8 +164,6 @@ class _Pipelines:
         if self._pipes.pop(key, None) is not None:
             gc.collect()
             if str(self.device).startswith("cuda"):
-                import torch
-
                 torch.cuda.empty_cache()
 
     def close(self) -> None:
@@ -392,7 +219,6 @@ def _kind_of_motion_lora(name: str, info: Mapping) -> str | None:
 
 def lora_rank(path: str | os.PathLike) -> int | None:
     """Rank of a LoRA file (rows of its first down/A matrix); None if it cannot be read."""
-    from ..checkpoints.io import load_state_dict
 
     try:
         sd = load_state_dict(path)
@@ -436,10 +262,6 @@ def evaluate(
     (default ``CAMERA_SEEDS``; quick: the evaluation's seeds). Returns ``{"settings", "model", "main", "personal", "baselines": {"frame_by_frame",
     "image_layers"}, "adapter", "motion_loras", "seconds"}``.
     """
-    import torch
-
-    from .. import builtin
-    from ..builtin.model import builtin_model
 
     log: Log = progress or (lambda _: None)
     start = time.perf_counter()
@@ -616,7 +438,6 @@ def _motion_lora_rows(
     """Every MotionLoRA attached to ``pipe`` in turn, at strength 1 and 0 on camera prompts,
     at the evaluation's seeds (pooled) and at each of ``camera_seeds`` alone; the strength-0
     clips of a prompt set and seed are generated once."""
-    from .. import builtin
 
     entries: dict[str, tuple[Path | None, dict, str]] = {}
     shipped = manifest.get("motion_loras", {})
@@ -673,234 +494,8 @@ def _motion_lora_rows(
     return rows
 
 
-# --- reporting -----------------------------------------------------------------------------
-
-
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in rows:
-        cells = [_cell(v) for v in row] + [""] * (len(header) - len(row))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-QUALITY_COLUMNS = (
-    ("text", "text_alignment"),
-    ("colour", "colour_alignment"),
-    ("shape", "shape_alignment"),
-    ("background", "background_alignment"),
-    ("bg. stable", "background_stability"),
-    ("consistency", "temporal_consistency"),
-    ("smoothness", "motion_smoothness"),
-    ("dynamic", "dynamic_degree"),
-    ("motion", "motion_alignment"),
-    ("style", "style"),
-    ("style score", "style_score"),
-    ("stills", "style_score_stills"),
-    ("domain sim.", "domain_similarity"),
-    ("watermark", "watermark_rate"),
-)
-
-
-def _quality_row(label: str, row: Mapping | None) -> list:
-    if row is None:
-        return [label, "not evaluated"]
-    if row.get("status", "ok") != "ok":
-        return [label, row["status"]]
-    return [label, *(row.get(key) for _, key in QUALITY_COLUMNS)]
-
-
-def format_table(results: Mapping) -> str:
-    """Markdown: the Table-1 rows, the domain-adapter ablation and the MotionLoRA table."""
-    s = results.get("settings", {})
-    trained = results.get("model", {}).get("trained")
-    lines = [
-        f"Settings: {s.get('steps')} steps, guidance {s.get('guidance_scale')}, "
-        f"{s.get('num_frames')} frames at {s.get('width')}x{s.get('height')}, "
-        f"{len(s.get('prompts', []))} prompts x seeds {s.get('seeds')}; "
-        f"model: {'trained' if trained else 'random (metrics meaningless)'}; "
-        f"{results.get('seconds')} s",
-        "",
-        "Animation quality (Table 1 and baselines)",
-        "",
-    ]
-    baselines = results.get("baselines", {})
-    fbf, layers = baselines.get("frame_by_frame", {}), baselines.get("image_layers", {})
-    rows = [
-        _quality_row("base + motion module", results.get("main")),
-        _quality_row("base, frame by frame", fbf.get("base")),
-        _quality_row("fine-tuned base + image-layer-trained MM", layers.get("base")),
-    ]
-    for name, row in results.get("personal", {}).items():
-        rows += [
-            _quality_row(f"{name} + motion module", row),
-            _quality_row(f"{name}, frame by frame", fbf.get(name)),
-            _quality_row(f"{name} + image-layer-trained MM", layers.get(name)),
-        ]
-    lines += _table(["model", *(h for h, _ in QUALITY_COLUMNS)], rows)
-    lines += ["", "Domain adapter (base + motion module)", ""]
-    adapter_rows = []
-    for scale, row in results.get("adapter", {}).items():
-        if row.get("status", "ok") != "ok":
-            adapter_rows.append([scale, row["status"]])
-        else:
-            adapter_rows.append(
-                [scale]
-                + [
-                    row.get(k)
-                    for k in (
-                        "watermark_rate",
-                        "text_alignment",
-                        "temporal_consistency",
-                        "dynamic_degree",
-                        "motion_alignment",
-                    )
-                ]
-            )
-    lines += _table(
-        ["adapter scale", "watermark rate", "text", "consistency", "dynamic", "motion"],
-        adapter_rows,
-    )
-    lines += [
-        "",
-        f"MotionLoRA (strength 1 vs 0; pan-left moves content by sign {PAN_LEFT_DX:+d})",
-        "",
-    ]
-    lora_rows = []
-    for name, row in results.get("motion_loras", {}).items():
-        head = [name, row.get("source"), row.get("kind"), row.get("rank"), row.get("clips")]
-        if row.get("status") != "ok":
-            lora_rows.append([*head, row.get("status")])
-            continue
-        on, off = row["strength"]["1.0"], row["strength"]["0.0"]
-        lora_rows.append(
-            [
-                *head,
-                on["area_ratio"],
-                off["area_ratio"],
-                on["dx"],
-                off["dx"],
-                on["motion_alignment"],
-                off["motion_alignment"],
-                row.get("effect"),
-                f"{row.get('seeds_in_direction')} of {len(row.get('effect_by_seed', {}))}",
-            ]
-        )
-    lines += _table(
-        [
-            "MotionLoRA",
-            "source",
-            "kind",
-            "rank",
-            "clips",
-            "area ratio s=1",
-            "s=0",
-            "dx s=1",
-            "s=0",
-            "motion s=1",
-            "s=0",
-            "effect",
-            "seeds in direction",
-        ],
-        lora_rows,
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _jsonable(value):
-    """Plain JSON values: numpy scalars as Python numbers, non-finite floats as null."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, os.PathLike):
-        return str(value)
-    return value
-
-
-def save_results(results: Mapping, path: str | os.PathLike) -> Path:
-    """Write the results as JSON, atomically (a temporary file beside it, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _extra(text: str) -> tuple[str, tuple[str, dict]]:
-    """NAME=PATH[,rank=R,clips=N,kind=K] -> (name, (path, info))."""
-    name, _, rest = text.partition("=")
-    path, *pairs = rest.split(",")
-    if not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH[,rank=R,clips=N], got {text!r}")
-    info = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        info[key] = int(value) if value.isdigit() else value
-    return name, (path, info)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `animatediff evaluate`."""
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
-    p.add_argument("--frames", type=int, default=NUM_FRAMES)
-    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
-    p.add_argument(
-        "--camera-seeds",
-        type=int,
-        nargs="+",
-        help=f"seeds a MotionLoRA is judged at one by one (default: {CAMERA_SEEDS[0]}-{CAMERA_SEEDS[-1]})",
-    )
-    p.add_argument("--quick", action="store_true", help="2 prompts, 1 seed")
-    p.add_argument("--prompts", type=int, help=f"the first N of the {len(PROMPTS)} prompts")
-    p.add_argument("--device")
-    p.add_argument(
-        "--extra-motion-lora",
-        type=_extra,
-        action="append",
-        default=[],
-        metavar="NAME=PATH[,rank=R,clips=N]",
-    )
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
-    p.add_argument(
-        "--student",
-        type=Path,
-        help="instead: compare this distilled motion module with the built-in teacher "
-        "(world/compare.py)",
-    )
-    p.add_argument("--student-steps", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--student-guidance", type=float, help="default: its preset's")
-    p.add_argument("--student-adapter", type=Path, help="the student's image-layer LoRA")
-
-
 def run(args: argparse.Namespace) -> dict:
     if getattr(args, "student", None) is not None:
-        from .compare import run_comparison
-
         return run_comparison(args)
     results = evaluate(
         steps=args.steps,
