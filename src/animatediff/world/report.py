@@ -59,20 +59,59 @@ def _quality_row(label: str, row: Mapping | None) -> list:
     return [label, *(row.get(key) for _, key in QUALITY_COLUMNS)]
 
 
+ADAPTER_COLUMNS = (
+    ("watermark rate", "watermark_rate"),
+    ("text", "text_alignment"),
+    ("consistency", "temporal_consistency"),
+    ("dynamic", "dynamic_degree"),
+    ("motion", "motion_alignment"),
+)
+MOTION_LORA_HEADER = (
+    "MotionLoRA",
+    "source",
+    "kind",
+    "rank",
+    "clips",
+    "area ratio s=1",
+    "s=0",
+    "dx s=1",
+    "s=0",
+    "motion s=1",
+    "s=0",
+    "effect",
+    "seeds in direction",
+)
+
+
 def format_table(results: Mapping) -> str:
     """Markdown: the Table-1 rows, the domain-adapter ablation and the MotionLoRA table."""
+    lines = [_settings_line(results), "", "Animation quality (Table 1 and baselines)", ""]
+    lines += _quality_table(results)
+    lines += ["", "Domain adapter (base + motion module)", ""]
+    lines += _adapter_table(results.get("adapter", {}))
+    lines += [
+        "",
+        f"MotionLoRA (strength 1 vs 0; pan-left moves content by sign {PAN_LEFT_DX:+d})",
+        "",
+    ]
+    lines += _motion_lora_table(results.get("motion_loras", {}))
+    return "\n".join(lines) + "\n"
+
+
+def _settings_line(results: Mapping) -> str:
     s = results.get("settings", {})
     trained = results.get("model", {}).get("trained")
-    lines = [
+    return (
         f"Settings: {s.get('steps')} steps, guidance {s.get('guidance_scale')}, "
         f"{s.get('num_frames')} frames at {s.get('width')}x{s.get('height')}, "
         f"{len(s.get('prompts', []))} prompts x seeds {s.get('seeds')}; "
         f"model: {'trained' if trained else 'random (metrics meaningless)'}; "
-        f"{results.get('seconds')} s",
-        "",
-        "Animation quality (Table 1 and baselines)",
-        "",
-    ]
+        f"{results.get('seconds')} s"
+    )
+
+
+def _quality_table(results: Mapping) -> list[str]:
+    """The main row and each model's frame-by-frame and image-layer baselines."""
     baselines = results.get("baselines", {})
     fbf, layers = baselines.get("frame_by_frame", {}), baselines.get("image_layers", {})
     rows = [
@@ -86,43 +125,28 @@ def format_table(results: Mapping) -> str:
             _quality_row(f"{name}, frame by frame", fbf.get(name)),
             _quality_row(f"{name} + image-layer-trained MM", layers.get(name)),
         ]
-    lines += markdown_table(["model", *(h for h, _ in QUALITY_COLUMNS)], rows)
-    lines += ["", "Domain adapter (base + motion module)", ""]
-    adapter_rows = []
-    for scale, row in results.get("adapter", {}).items():
+    return markdown_table(["model", *(h for h, _ in QUALITY_COLUMNS)], rows)
+
+
+def _adapter_table(adapter: Mapping) -> list[str]:
+    rows = []
+    for scale, row in adapter.items():
         if row.get("status", "ok") != "ok":
-            adapter_rows.append([scale, row["status"]])
+            rows.append([scale, row["status"]])
         else:
-            adapter_rows.append(
-                [scale]
-                + [
-                    row.get(k)
-                    for k in (
-                        "watermark_rate",
-                        "text_alignment",
-                        "temporal_consistency",
-                        "dynamic_degree",
-                        "motion_alignment",
-                    )
-                ]
-            )
-    lines += markdown_table(
-        ["adapter scale", "watermark rate", "text", "consistency", "dynamic", "motion"],
-        adapter_rows,
-    )
-    lines += [
-        "",
-        f"MotionLoRA (strength 1 vs 0; pan-left moves content by sign {PAN_LEFT_DX:+d})",
-        "",
-    ]
-    lora_rows = []
-    for name, row in results.get("motion_loras", {}).items():
+            rows.append([scale, *(row.get(key) for _, key in ADAPTER_COLUMNS)])
+    return markdown_table(["adapter scale", *(h for h, _ in ADAPTER_COLUMNS)], rows)
+
+
+def _motion_lora_table(motion_loras: Mapping) -> list[str]:
+    rows = []
+    for name, row in motion_loras.items():
         head = [name, row.get("source"), row.get("kind"), row.get("rank"), row.get("clips")]
         if row.get("status") != "ok":
-            lora_rows.append([*head, row.get("status")])
+            rows.append([*head, row.get("status")])
             continue
         on, off = row["strength"]["1.0"], row["strength"]["0.0"]
-        lora_rows.append(
+        rows.append(
             [
                 *head,
                 on["area_ratio"],
@@ -135,25 +159,7 @@ def format_table(results: Mapping) -> str:
                 f"{row.get('seeds_in_direction')} of {len(row.get('effect_by_seed', {}))}",
             ]
         )
-    lines += markdown_table(
-        [
-            "MotionLoRA",
-            "source",
-            "kind",
-            "rank",
-            "clips",
-            "area ratio s=1",
-            "s=0",
-            "dx s=1",
-            "s=0",
-            "motion s=1",
-            "s=0",
-            "effect",
-            "seeds in direction",
-        ],
-        lora_rows,
-    )
-    return "\n".join(lines) + "\n"
+    return markdown_table(MOTION_LORA_HEADER, rows)
 
 
 def _jsonable(value):
