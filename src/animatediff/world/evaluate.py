@@ -68,7 +68,7 @@ import gc
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -219,7 +219,6 @@ def _kind_of_motion_lora(name: str, info: Mapping) -> str | None:
 
 def lora_rank(path: str | os.PathLike) -> int | None:
     """Rank of a LoRA file (rows of its first down/A matrix); None if it cannot be read."""
-
     try:
         sd = load_state_dict(path)
     except Exception:
@@ -235,7 +234,263 @@ def _builtin_names() -> tuple[tuple[str, ...], tuple[str, ...], int]:
     return (*STYLES, f"{STYLE_LORA}-lora"), MOTION_LORAS, DATA["motion_lora_clips"]
 
 
+def _adapter_off(main: Mapping) -> dict:
+    return {**main, "model": "base + motion module (adapter 0.0)", "adapter_scale": 0.0}
+
+
+def _camera_motion(generated: Generated) -> dict:
+    return camera_motion(_clips(generated), _texts(generated))
+
+
+def _motion_lora_entries(
+    manifest: Mapping, extras: Mapping | None, expected: Sequence[str], builtin_clips: int
+) -> dict[str, tuple[Path | None, dict, str]]:
+    """``{name: (file, info, source)}``: the built-in MotionLoRAs expected or shipped (file None
+    when not installed), then the extras."""
+    entries: dict[str, tuple[Path | None, dict, str]] = {}
+    shipped = manifest.get("motion_loras", {})
+    for name in dict.fromkeys([*expected, *shipped]):
+        path = builtin.motion_lora(name) if name in shipped else None
+        info = {k: v for k, v in shipped.get(name, {}).items() if k != "file"}
+        entries[name] = (path, {"clips": builtin_clips, **info}, "builtin")
+    for name, (path, info) in (extras or {}).items():
+        entries[name] = (Path(path), dict(info), "extra")
+    return entries
+
+
+def _camera_effects(
+    kind: str | None,
+    on: Mapping[int, Generated],
+    off: Mapping[int, Generated],
+    pooled: Sequence[int],
+    camera_seeds: Sequence[int],
+) -> dict:
+    """A MotionLoRA's row from its clips per seed at strength 1 (``on``) and 0 (``off``): the
+    metrics over the ``pooled`` seeds, and its effect at each of ``camera_seeds`` alone."""
+    strength = {
+        key: _camera_motion([g for s in pooled for g in gens[s]])
+        for key, gens in (("1.0", on), ("0.0", off))
+    }
+    by_seed = {
+        str(s): camera_effect(kind, _camera_motion(on[s]), _camera_motion(off[s]))
+        for s in camera_seeds
+    }
+    return {
+        "status": "ok",
+        "strength": strength,
+        "effect": camera_effect(kind, strength["1.0"], strength["0.0"]),
+        "effect_by_seed": by_seed,
+        "seeds_in_direction": sum(bool(v) for v in by_seed.values()),
+    }
+
+
 # --- the evaluation -----------------------------------------------------------------------
+
+BASE = "base + motion module"
+
+
+@dataclass
+class _Evaluation:
+    """One evaluation's sampler, prompts and models, and its frame-by-frame and image-layer
+    baseline rows, filled in as the rows they belong to are measured."""
+
+    sample: _Sampler
+    prompts: Sequence[str]
+    pipes: _Pipelines
+    log: Log
+    baseline: tuple | None  # `builtin.baseline()`: (fine-tuned UNet folder, motion module)
+    frame_by_frame: dict[str, dict] = field(default_factory=dict)
+    image_layers: dict[str, dict] = field(default_factory=dict)
+
+    def with_stills(self, key: str, name: str, style: str | None, **load) -> dict:
+        """The row of model ``key`` and, as ``name``'s frame-by-frame row, its own stills."""
+        pipe = self.pipes.get(key, **load)
+        t = time.perf_counter()
+        stills = self.sample(pipe, self.prompts, motion_scale=0.0)
+        self.frame_by_frame[name] = _row(f"{name}, frame by frame", style, stills, None, t)
+        del stills
+        t = time.perf_counter()
+        return _row(key, style, self.sample(pipe, self.prompts), self.frame_by_frame[name], t)
+
+    def against_stills(self, key: str, name: str, style: str | None, **load) -> dict:
+        """The row of model ``key``, its domain measured against ``name``'s stills."""
+        pipe = self.pipes.get(key, **load)
+        t = time.perf_counter()
+        return _row(key, style, self.sample(pipe, self.prompts), self.frame_by_frame[name], t)
+
+    def main_row(self) -> dict:
+        self.log(f"[evaluate] main: {len(self.prompts)} prompts x {len(self.sample.seeds)} seeds")
+        return self.with_stills(BASE, "base", "plain")
+
+    def motion_lora_rows(
+        self,
+        entries: Mapping[str, tuple[Path | None, dict, str]],
+        camera: Mapping[str, Sequence[str]],
+        camera_seeds: Sequence[int],
+    ) -> dict:
+        """Every MotionLoRA attached to the base in turn, at strength 1 and 0 on camera prompts,
+        at the evaluation's seeds (pooled) and at each of ``camera_seeds`` alone; the strength-0
+        clips of a prompt set and seed are generated once."""
+        pipe = self.pipes.get(BASE)
+        seeds = tuple(dict.fromkeys([*self.sample.seeds, *camera_seeds]))
+        off_cache: dict[tuple, Generated] = {}  # strength 0 = no MotionLoRA: shared by all
+        rows = {}
+        for name, (path, info, source) in entries.items():
+            kind = _kind_of_motion_lora(name, info)
+            row: dict = {"source": source, "kind": kind, "rank": info.get("rank"), "info": info}
+            row["clips"] = info.get("clips")
+            if path is None or not path.exists():
+                rows[name] = {"status": SKIPPED, **row}
+                continue
+            row["file"] = str(path)
+            if row["rank"] is None:
+                row["rank"] = lora_rank(path)
+            every = [p for v in camera.values() for p in v]
+            prompts = tuple(camera[kind] if kind in camera else every)
+
+            def measure(name=name, path=path, kind=kind, prompts=prompts) -> dict:
+                self.log(
+                    f"[evaluate] MotionLoRA {name} ({kind}) at strength 1 and 0, seeds {seeds}"
+                )
+                on = self.on_and_off(pipe, name, path, prompts, seeds, off_cache)
+                off = {s: off_cache[prompts, s] for s in seeds}
+                return _camera_effects(kind, on, off, self.sample.seeds, camera_seeds)
+
+            rows[name] = {**row, **_guarded(f"MotionLoRA {name}", self.log, measure)}
+        return rows
+
+    def on_and_off(self, pipe, name: str, path: Path, prompts: tuple, seeds, off_cache) -> dict:
+        """Clips per seed with the MotionLoRA at strength 1; those at 0 (no MotionLoRA) go into
+        ``off_cache`` under ``(prompts, seed)`` unless there already."""
+        label = pipe.add_motion_lora(path, 1.0, name=f"evaluate:{name}")
+        try:
+            on = {s: replace(self.sample, seeds=(s,))(pipe, prompts) for s in seeds}
+            pipe.set_motion_lora_strength(label, 0.0)
+            for s in seeds:
+                if (prompts, s) not in off_cache:
+                    off_cache[prompts, s] = replace(self.sample, seeds=(s,))(pipe, prompts)
+        finally:
+            pipe.remove_motion_lora(label)
+        return on
+
+    def adapter_rows(self, main: Mapping) -> dict:
+        """The domain adapter merged at 1.0 against 0.0 (the main row)."""
+        rows = {"1.0": {"status": SKIPPED}, "0.0": _adapter_off(main)}
+        adapter = builtin.adapter()
+        if adapter is None:
+            return rows
+        key = "base + adapter 1.0 + motion module"
+
+        def row() -> dict:
+            self.log("[evaluate] domain adapter at 1.0")
+            measured = self.against_stills(key, "base", "plain", adapter=(adapter, 1.0))
+            return {**measured, "adapter_scale": 1.0}
+
+        rows["1.0"] = _guarded("adapter", self.log, row)
+        self.pipes.release(key)
+        return rows
+
+    def personal_rows(self, manifest: Mapping, expected: Sequence[str]) -> dict:
+        shipped = manifest.get("personal", {})
+        return {
+            name: self.personal_row(name, shipped.get(name))
+            for name in dict.fromkeys([*expected, *shipped])
+        }
+
+    def personal_row(self, name: str, entry: Mapping | None) -> dict:
+        """A personal model's row; its frame-by-frame row and the image-layer baseline in it
+        go into theirs."""
+        if entry is None:
+            skipped = {"status": SKIPPED}
+            self.frame_by_frame[name] = self.image_layers[name] = skipped
+            return skipped
+        style = _style_of(name, entry)
+        kind, path = builtin.personal(name)
+        load = {"checkpoint": {"personal": path}, "lora": {"loras": [(path, 1.0)]}}.get(kind)
+        if load is None or not Path(path).exists():
+            status = SKIPPED if load is not None else f"skipped: unknown kind {kind!r}"
+            skipped = {"status": status}
+            self.frame_by_frame[name] = self.image_layers[name] = skipped
+            return skipped
+        key = f"{name} + motion module"
+
+        def rows() -> dict:
+            self.log(f"[evaluate] personal {name} ({style})")
+            return self.with_stills(key, name, style, **load)
+
+        row = {"kind": kind, **_guarded(name, self.log, rows)}
+        self.frame_by_frame.setdefault(name, {"status": row["status"]})
+        self.pipes.release(key)
+        self.image_layers[name] = self.baseline_in(name, style, load)
+        return row
+
+    def baseline_in(self, name: str, style: str | None, load: Mapping) -> dict:
+        """The image-layer-trained motion module in personal model ``name``."""
+        if self.baseline is None:
+            return {"status": SKIPPED}
+        if self.frame_by_frame[name]["status"] != "ok":
+            return {"status": "skipped: personal model failed"}
+        key = f"{name} + image-layer-trained motion module"
+        motion_module = self.baseline[1]
+
+        def row() -> dict:
+            self.log(f"[evaluate] baseline motion module in {name}")
+            return self.against_stills(key, name, style, motion_module=motion_module, **load)
+
+        measured = _guarded(key, self.log, row)
+        self.pipes.release(key)
+        return measured
+
+    def native_baseline(self) -> dict:
+        """The image-layer-trained motion module on its own fine-tuned UNet."""
+        if self.baseline is None or not Path(self.baseline[0]).exists():
+            return {"status": SKIPPED}
+        key = "fine-tuned base + image-layer-trained motion module"
+        unet, motion_module = self.baseline
+
+        def row() -> dict:
+            self.log("[evaluate] baseline motion module with its fine-tuned UNet")
+            load = {"unet_folder": unet, "motion_module": motion_module}
+            return self.against_stills(key, "base", "plain", **load)
+
+        measured = _guarded(key, self.log, row)
+        self.pipes.release(key)
+        return measured
+
+
+def _camera(quick: bool, seeds: tuple[int, ...], camera_seeds: Sequence[int] | None) -> tuple:
+    """The camera prompts per MotionLoRA kind, and the seeds a MotionLoRA is judged at."""
+    camera = {k: v[:1] if quick else v for k, v in CAMERA_PROMPTS.items()}
+    if camera_seeds is None:
+        camera_seeds = seeds if quick else CAMERA_SEEDS
+    return camera, tuple(int(s) for s in camera_seeds)
+
+
+def _settings_record(sample: _Sampler, prompts, camera, camera_seeds, quick, device) -> dict:
+    return {
+        "steps": sample.steps,
+        "guidance_scale": sample.guidance_scale,
+        "num_frames": sample.num_frames,
+        "height": sample.size,
+        "width": sample.size,
+        "seeds": list(sample.seeds),
+        "prompts": list(prompts),
+        "camera_prompts": {k: list(v) for k, v in camera.items()},
+        "camera_seeds": list(camera_seeds),
+        "negative_prompt": sample.negative_prompt,
+        "quick": quick,
+        "device": str(device),
+    }
+
+
+def _model_record(manifest: Mapping) -> dict:
+    model = builtin_model()
+    return {
+        "trained": model.trained,
+        "base": str(model.base),
+        "motion_module": str(model.motion_module),
+        "manifest": manifest,
+    }
 
 
 def evaluate(
@@ -259,239 +514,39 @@ def evaluate(
     ``{name: (path, info)}`` with info such as ``{"rank": 2, "clips": 10}`` (and optionally
     ``"kind"``: "zoom-in" or "pan-left", else read from the name), reported beside the built-in
     MotionLoRAs. ``camera_seeds``: the seeds each MotionLoRA's effect is judged at one by one
-    (default ``CAMERA_SEEDS``; quick: the evaluation's seeds). Returns ``{"settings", "model", "main", "personal", "baselines": {"frame_by_frame",
-    "image_layers"}, "adapter", "motion_loras", "seconds"}``.
+    (default ``CAMERA_SEEDS``; quick: the evaluation's seeds). Returns ``{"settings", "model",
+    "main", "personal", "baselines": {"frame_by_frame", "image_layers"}, "adapter",
+    "motion_loras", "seconds"}``.
     """
-
     log: Log = progress or (lambda _: None)
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = QUICK_PROMPTS if quick else PROMPTS[:num_prompts]
     seeds = tuple(int(s) for s in (seeds if seeds is not None else QUICK_SEEDS if quick else SEEDS))
-    camera = {k: v[:1] if quick else v for k, v in CAMERA_PROMPTS.items()}
-    if camera_seeds is None:
-        camera_seeds = seeds if quick else CAMERA_SEEDS
-    camera_seeds = tuple(int(s) for s in camera_seeds)
+    camera, camera_seeds = _camera(quick, seeds, camera_seeds)
     sample = _Sampler(steps, guidance_scale, num_frames, size, seeds)
-    model = builtin_model()
     manifest = builtin.manifest()
-    expected_personal, expected_motion_loras, motion_lora_clips = _builtin_names()
-    results: dict = {
-        "settings": {
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "num_frames": num_frames,
-            "height": size,
-            "width": size,
-            "seeds": list(seeds),
-            "prompts": list(prompts),
-            "camera_prompts": {k: list(v) for k, v in camera.items()},
-            "camera_seeds": list(camera_seeds),
-            "negative_prompt": NEGATIVE_PROMPT,
-            "quick": quick,
-            "device": str(device),
-        },
-        "model": {
-            "trained": model.trained,
-            "base": str(model.base),
-            "motion_module": str(model.motion_module),
-            "manifest": manifest,
-        },
+    personal, motion_loras, motion_lora_clips = _builtin_names()
+    entries = _motion_lora_entries(manifest, extra_motion_loras, motion_loras, motion_lora_clips)
+    results = {
+        "settings": _settings_record(sample, prompts, camera, camera_seeds, quick, device),
+        "model": _model_record(manifest),
     }
-    pipes = _Pipelines(device, log)
-    frame_by_frame: dict[str, dict] = {}
-    image_layers: dict[str, dict] = {}
+    run = _Evaluation(sample, prompts, _Pipelines(device, log), log, builtin.baseline())
     try:
-        # -- the base: main row, its stills, the MotionLoRAs (attached to it in turn) --------
-        log(f"[evaluate] main: {len(prompts)} prompts x {len(seeds)} seeds")
-        pipe = pipes.get("base + motion module")
-        t = time.perf_counter()
-        stills_gen = sample(pipe, prompts, motion_scale=0.0)
-        frame_by_frame["base"] = _row("base, frame by frame", "plain", stills_gen, None, t)
-        t = time.perf_counter()
-        main_gen = sample(pipe, prompts)
-        results["main"] = _row("base + motion module", "plain", main_gen, frame_by_frame["base"], t)
-        del stills_gen, main_gen
-        results["motion_loras"] = _motion_lora_rows(
-            pipe,
-            sample,
-            camera_seeds,
-            camera,
-            manifest,
-            extra_motion_loras,
-            expected_motion_loras,
-            motion_lora_clips,
-            log,
-        )
-        pipes.release("base + motion module")
-
-        # -- the domain adapter at 1.0 vs 0.0 (= the main row) -------------------------------
-        results["adapter"] = {"1.0": {"status": SKIPPED}, "0.0": _adapter_off(results["main"])}
-        adapter = builtin.adapter()
-        if adapter is not None:
-
-            def adapter_row() -> dict:
-                log("[evaluate] domain adapter at 1.0")
-                pipe = pipes.get("base + adapter 1.0 + motion module", adapter=(adapter, 1.0))
-                t = time.perf_counter()
-                row = _row(
-                    "base + adapter 1.0 + motion module",
-                    "plain",
-                    sample(pipe, prompts),
-                    frame_by_frame["base"],
-                    t,
-                )
-                return {**row, "adapter_scale": 1.0}
-
-            results["adapter"]["1.0"] = _guarded("adapter", log, adapter_row)
-            pipes.release("base + adapter 1.0 + motion module")
-
-        # -- personal styles, frame by frame, and the image-layer baseline in each ------------
-        baseline = builtin.baseline()
-        personal: dict[str, dict] = {}
-        names = list(dict.fromkeys([*expected_personal, *manifest.get("personal", {})]))
-        for name in names:
-            entry = manifest.get("personal", {}).get(name)
-            if entry is None:
-                personal[name] = frame_by_frame[name] = image_layers[name] = {"status": SKIPPED}
-                continue
-            style = _style_of(name, entry)
-            kind, path = builtin.personal(name)
-            load = {"checkpoint": {"personal": path}, "lora": {"loras": [(path, 1.0)]}}.get(kind)
-            if load is None or not Path(path).exists():
-                status = SKIPPED if load is not None else f"skipped: unknown kind {kind!r}"
-                personal[name] = frame_by_frame[name] = image_layers[name] = {"status": status}
-                continue
-            key = f"{name} + motion module"
-
-            def personal_rows(name=name, style=style, load=load, key=key) -> dict:
-                log(f"[evaluate] personal {name} ({style})")
-                pipe = pipes.get(key, **load)
-                t = time.perf_counter()
-                stills_gen = sample(pipe, prompts, motion_scale=0.0)
-                frame_by_frame[name] = _row(f"{name}, frame by frame", style, stills_gen, None, t)
-                t = time.perf_counter()
-                return _row(key, style, sample(pipe, prompts), frame_by_frame[name], t)
-
-            personal[name] = {"kind": kind, **_guarded(name, log, personal_rows)}
-            frame_by_frame.setdefault(name, {"status": personal[name]["status"]})
-            pipes.release(key)
-            if baseline is None:
-                image_layers[name] = {"status": SKIPPED}
-            elif name not in frame_by_frame or frame_by_frame[name]["status"] != "ok":
-                image_layers[name] = {"status": "skipped: personal model failed"}
-            else:
-                key = f"{name} + image-layer-trained motion module"
-
-                def baseline_row(name=name, style=style, load=load, key=key) -> dict:
-                    log(f"[evaluate] baseline motion module in {name}")
-                    pipe = pipes.get(key, motion_module=baseline[1], **load)
-                    t = time.perf_counter()
-                    return _row(key, style, sample(pipe, prompts), frame_by_frame[name], t)
-
-                image_layers[name] = _guarded(key, log, baseline_row)
-                pipes.release(key)
-        results["personal"] = personal
-
-        # -- the baseline on its own fine-tuned UNet -----------------------------------------
-        if baseline is None or not Path(baseline[0]).exists():
-            image_layers = {"base": {"status": SKIPPED}, **image_layers}
-        else:
-            key = "fine-tuned base + image-layer-trained motion module"
-
-            def native_row() -> dict:
-                log("[evaluate] baseline motion module with its fine-tuned UNet")
-                pipe = pipes.get(key, unet_folder=baseline[0], motion_module=baseline[1])
-                t = time.perf_counter()
-                return _row(key, "plain", sample(pipe, prompts), frame_by_frame["base"], t)
-
-            image_layers = {"base": _guarded(key, log, native_row), **image_layers}
-            pipes.release(key)
-        results["baselines"] = {"frame_by_frame": frame_by_frame, "image_layers": image_layers}
+        results["main"] = run.main_row()
+        results["motion_loras"] = run.motion_lora_rows(entries, camera, camera_seeds)
+        run.pipes.release(BASE)
+        results["adapter"] = run.adapter_rows(results["main"])
+        results["personal"] = run.personal_rows(manifest, personal)
+        image_layers = {"base": run.native_baseline(), **run.image_layers}
+        results["baselines"] = {"frame_by_frame": run.frame_by_frame, "image_layers": image_layers}
     finally:
-        pipes.close()
+        run.pipes.close()
     results["seconds"] = round(time.perf_counter() - start, 1)
     log(f"[evaluate] done in {results['seconds']} s")
     order = ("settings", "model", "main", "personal", "baselines", "adapter", "motion_loras")
     return {**{k: results[k] for k in order}, "seconds": results["seconds"]}
-
-
-def _adapter_off(main: Mapping) -> dict:
-    return {**main, "model": "base + motion module (adapter 0.0)", "adapter_scale": 0.0}
-
-
-def _camera_motion(generated: Generated) -> dict:
-    return camera_motion(_clips(generated), _texts(generated))
-
-
-def _motion_lora_rows(
-    pipe,
-    sample: _Sampler,
-    camera_seeds: Sequence[int],
-    camera: Mapping[str, Sequence[str]],
-    manifest: Mapping,
-    extras: Mapping | None,
-    expected: Sequence[str],
-    builtin_clips: int,
-    log: Log,
-) -> dict:
-    """Every MotionLoRA attached to ``pipe`` in turn, at strength 1 and 0 on camera prompts,
-    at the evaluation's seeds (pooled) and at each of ``camera_seeds`` alone; the strength-0
-    clips of a prompt set and seed are generated once."""
-
-    entries: dict[str, tuple[Path | None, dict, str]] = {}
-    shipped = manifest.get("motion_loras", {})
-    for name in dict.fromkeys([*expected, *shipped]):
-        path = builtin.motion_lora(name) if name in shipped else None
-        info = {k: v for k, v in shipped.get(name, {}).items() if k != "file"}
-        entries[name] = (path, {"clips": builtin_clips, **info}, "builtin")
-    for name, (path, info) in (extras or {}).items():
-        entries[name] = (Path(path), dict(info), "extra")
-    seeds = tuple(dict.fromkeys([*sample.seeds, *camera_seeds]))
-    off_cache: dict[tuple, Generated] = {}  # strength 0 = no MotionLoRA: shared by all
-    rows = {}
-    for name, (path, info, source) in entries.items():
-        kind = _kind_of_motion_lora(name, info)
-        row: dict = {"source": source, "kind": kind, "rank": info.get("rank"), "info": info}
-        row["clips"] = info.get("clips")
-        if path is None or not path.exists():
-            rows[name] = {"status": SKIPPED, **row}
-            continue
-        row["file"] = str(path)
-        if row["rank"] is None:
-            row["rank"] = lora_rank(path)
-        prompts = tuple(camera[kind] if kind in camera else [p for v in camera.values() for p in v])
-
-        def measure(name=name, path=path, kind=kind, prompts=prompts) -> dict:
-            log(f"[evaluate] MotionLoRA {name} ({kind}) at strength 1 and 0, seeds {seeds}")
-            label = pipe.add_motion_lora(path, 1.0, name=f"evaluate:{name}")
-            try:
-                on = {s: replace(sample, seeds=(s,))(pipe, prompts) for s in seeds}
-                pipe.set_motion_lora_strength(label, 0.0)
-                for s in seeds:
-                    if (prompts, s) not in off_cache:
-                        off_cache[prompts, s] = replace(sample, seeds=(s,))(pipe, prompts)
-            finally:
-                pipe.remove_motion_lora(label)
-            off = {s: off_cache[prompts, s] for s in seeds}
-            strength = {
-                key: _camera_motion([g for s in sample.seeds for g in gens[s]])
-                for key, gens in (("1.0", on), ("0.0", off))
-            }
-            by_seed = {
-                str(s): camera_effect(kind, _camera_motion(on[s]), _camera_motion(off[s]))
-                for s in camera_seeds
-            }
-            return {
-                "status": "ok",
-                "strength": strength,
-                "effect": camera_effect(kind, strength["1.0"], strength["0.0"]),
-                "effect_by_seed": by_seed,
-                "seeds_in_direction": sum(bool(v) for v in by_seed.values()),
-            }
-
-        rows[name] = {**row, **_guarded(f"MotionLoRA {name}", log, measure)}
-    return rows
 
 
 def run(args: argparse.Namespace) -> dict:
