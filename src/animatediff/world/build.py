@@ -14,19 +14,18 @@ are remade from the seed). `--pack` copies the results (fp16) into the package.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from ..builtin import write_word_tokenizer
-from ..builtin.model import tiny_text_encoder
-from ..schedule import ANIMATEDIFF_SCHEDULE
+from ..builtin.model import random_text_encoder
+from ..checkpoints.base import save_pipeline_files
 from ..training import parse_config, train
 from ..training.encode import encode_dataset
 from ..video import read_video
@@ -106,7 +105,7 @@ def make_base_skeleton(folder: Path) -> None:
     torch.manual_seed(SEED)
     write_word_tokenizer(folder / "tokenizer", tuple(VOCABULARY) + EXTRA_WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    text = tiny_text_encoder(tokenizer)
+    text = random_text_encoder(tokenizer)
     torch.nn.init.normal_(text.get_input_embeddings().weight, std=1.0)
     positions = next(m for n, m in text.named_modules() if n.endswith("position_embedding"))
     torch.nn.init.normal_(positions.weight, std=1.0)
@@ -121,22 +120,7 @@ def make_base_skeleton(folder: Path) -> None:
         attention_head_dim=8,
         norm_num_groups=8,
     ).save_pretrained(folder / "unet")
-    DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": "0.30.0",
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-            }
-        )
-    )
+    save_pipeline_files(folder)  # the VAE follows (`train_vae`)
 
 
 def train_vae(data: Path, folder: Path, steps: int = 1600, batch: int = 16) -> None:
