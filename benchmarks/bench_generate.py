@@ -150,9 +150,10 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
 
 
 def build_sd15_random(work: Path):
-    """SD1.5's real architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, saved
-    as a diffusers folder, and a random v2 motion module saved in our layout."""
+    """SD1.5's real architecture (`sd15`'s UNet, VAE, CLIP ViT-L text encoder) with random
+    weights, saved as a diffusers folder, and a random v2 motion module saved in our layout."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from sd15 import TEXT, UNET, VAE
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from animatediff.checkpoints.motion import save_motion_module
@@ -162,42 +163,15 @@ def build_sd15_random(work: Path):
     base = work / "sd15_random"
     shutil.copytree(TINY / "base" / "tokenizer", base / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**UNET)
     unet.save_pretrained(base / "unet")
     del unet
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
+    vae = AutoencoderKL(**VAE)
     vae.save_pretrained(base / "vae")
     del vae
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,  # SD1.5's; the tiny tokenizer's 1,514 ids are a subset
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
+        CLIPTextConfig(  # SD1.5's 49,408 ids; the tiny tokenizer's 1,514 are a subset
+            **TEXT,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

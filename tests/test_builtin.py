@@ -14,7 +14,8 @@ import pytest
 
 from animatediff import AnimationPipeline, builtin
 from animatediff.builtin.model import builtin_model
-from animatediff.world import evaluate as ev
+from animatediff.world import evaluate_settings, metrics
+from animatediff.world.evaluate import lora_rank
 
 EVALUATION = builtin.PACKAGE_DATA / "evaluation.json"
 pytestmark = pytest.mark.skipif(
@@ -82,15 +83,15 @@ def test_clips_pass_thresholds_from_the_evaluation(pipe, results):
     """Fresh clips (seed 1; the evaluation used seed 0), generated as the evaluation does,
     against what it measured: the motion module keeps frames more consistent than the same
     model frame by frame (same noise), and colours follow the text about as often."""
-    prompts = list(ev.PROMPTS[:4])
+    prompts = list(evaluate_settings.PROMPTS[:4])
     kwargs = dict(settings(results), seed=1)
 
     def clips(motion_scale: float) -> list:
         frames = pipe(prompts, motion_scale=motion_scale, **kwargs).frames
         return [clip.permute(1, 2, 3, 0).numpy() for clip in frames]
 
-    animated = ev.clip_metrics(clips(1.0), prompts)
-    frame_by_frame = ev.clip_metrics(clips(0.0), prompts)
+    animated = metrics.clip_metrics(clips(1.0), prompts)
+    frame_by_frame = metrics.clip_metrics(clips(0.0), prompts)
     main = results["main"]
     baseline = results["baselines"]["frame_by_frame"]["base"]
     assert main["temporal_consistency"] > baseline["temporal_consistency"]  # what was measured
@@ -112,7 +113,7 @@ def test_motion_lora_moves_its_way(pipe, results, kind):
     noise at strength 1 and 0: zoom-in grows the object's area more at 1 than at 0 (and above 1);
     pan-left moves its centroid left at 1, and further left than at 0."""
     assert results["motion_loras"][kind]["effect"]
-    prompts = list(ev.CAMERA_PROMPTS[kind])
+    prompts = list(evaluate_settings.CAMERA_PROMPTS[kind])
     pipe.add_motion_lora(builtin.motion_lora(kind), 1.0, name=kind)
     try:
         measured = {}
@@ -122,10 +123,10 @@ def test_motion_lora_moves_its_way(pipe, results, kind):
             for seed in (1, 2):
                 frames = pipe(prompts, seed=seed, **settings(results)).frames
                 clips += [clip.permute(1, 2, 3, 0).numpy() for clip in frames]
-            measured[strength] = ev.camera_motion(clips, prompts * 2)
+            measured[strength] = metrics.camera_motion(clips, prompts * 2)
     finally:
         pipe.remove_motion_lora(kind)
-    assert ev.camera_effect(kind, measured[1.0], measured[0.0]), measured
+    assert metrics.camera_effect(kind, measured[1.0], measured[0.0]), measured
 
 
 @pytest.mark.slow  # what the shipped weights learnt: clips at the evaluation's settings
@@ -179,12 +180,12 @@ def test_image_layer_baseline_absorbs_the_web_look(pipe, results):
     baseline.unet.unet.load_state_dict(
         UNet2DConditionModel.from_pretrained(unet_folder).state_dict()
     )
-    prompts = list(ev.PROMPTS[:4])
+    prompts = list(evaluate_settings.PROMPTS[:4])
     rates = {}
     for name, p in (("baseline", baseline), ("shipped", pipe)):
         frames = p(prompts, seed=2, **settings(results)).frames
         clips = [clip.permute(1, 2, 3, 0).numpy() for clip in frames]
-        rates[name] = ev.clip_metrics(clips, prompts)["watermark_rate"]
+        rates[name] = metrics.clip_metrics(clips, prompts)["watermark_rate"]
     assert rates["baseline"] > 0.05 and rates["baseline"] > rates["shipped"], rates
 
 
@@ -196,7 +197,7 @@ def test_motion_lora_rank_and_clip_study_was_measured(results):
     assert (rows["zoom-in-rank2"]["rank"], rows["zoom-in-rank2"]["clips"]) == (2, 30)
     assert (rows["zoom-in-clips10"]["rank"], rows["zoom-in-clips10"]["clips"]) == (8, 10)
     for name in ("zoom-in-rank2", "zoom-in-clips10"):
-        assert ev.lora_rank(builtin.motion_lora(name)) == rows[name]["rank"]
+        assert lora_rank(builtin.motion_lora(name)) == rows[name]["rank"]
         assert rows[name]["status"] == "ok" and rows[name]["effect"] is not None
 
 

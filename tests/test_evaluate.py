@@ -27,23 +27,18 @@ from animatediff.world import (
     style_images,
     web_video,
 )
-from animatediff.world.evaluate import (
-    CAMERA_PROMPTS,
-    PROMPTS,
-    QUICK_PROMPTS,
-    SKIPPED,
+from animatediff.world.evaluate import SKIPPED, evaluate, lora_rank
+from animatediff.world.evaluate_settings import CAMERA_PROMPTS, PROMPTS, QUICK_PROMPTS
+from animatediff.world.metrics import (
     camera_effect,
     camera_motion,
     clip_alignment,
     clip_metrics,
     domain_similarity,
-    evaluate,
-    format_table,
     frame_alignment,
-    lora_rank,
-    save_results,
     watermark_rate,
 )
+from animatediff.world.report import format_table, save_results
 from animatediff.world.scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES
 from animatediff.world.styles import SIZES
 

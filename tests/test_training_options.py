@@ -23,7 +23,7 @@ from animatediff.training.loss import diffusion_loss, make_noise_scheduler, samp
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
-    from animatediff.world import write_videos
+    from animatediff.world.datasets import write_videos
 
     folder = tmp_path_factory.mktemp("clips")
     write_videos(folder, 2, seed=0, kinds=("move",), num_frames=4)

@@ -27,7 +27,6 @@ from animatediff.world import (
     is_dynamic,
     make_clip,
     motion_alignment,
-    motion_clips,
     motion_smoothness,
     parse_caption,
     random_scene,
@@ -41,9 +40,8 @@ from animatediff.world import (
     track,
     watermark_score,
     web_video,
-    write_images,
-    write_videos,
 )
+from animatediff.world.datasets import motion_clips, write_images, write_videos
 from animatediff.world.detect import alignment_checks, displacement, object_mask
 from animatediff.world.domain import blur, watermark
 from animatediff.world.motion import DISTANCE, GROWTH, PAN, ZOOM
@@ -384,8 +382,6 @@ def test_build_datasets_render_the_first_items_whatever_the_count(tmp_path):
 def test_stills_can_carry_any_clip_kind_caption_of_their_first_frame(tmp_path):
     """Half the stills (by the recipe's share) carry a caption of some clip kind, camera
     kinds too; the scene, and so the image, is the one a static caption would describe."""
-    from animatediff.world.datasets import write_images
-
     plain = write_images(tmp_path / "plain", 40, seed=3)
     mixed = write_images(tmp_path / "mixed", 40, seed=3, motion_captions=0.5)
     kinds = []

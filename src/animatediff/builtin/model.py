@@ -58,17 +58,23 @@ def _build_atomically(target: Path) -> None:
         raise
 
 
-def tiny_text_encoder(tokenizer):
-    """A 2-layer, 32-wide CLIP text encoder for a word tokenizer (random weights)."""
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+)
+
+
+def random_text_encoder(tokenizer, **config) -> CLIPTextModel:
+    """A CLIP text encoder with random weights for a word tokenizer: 2 layers, 32 wide
+    (`TINY_TEXT`), or as `config` (`CLIPTextConfig` fields) says."""
     return CLIPTextModel(
         CLIPTextConfig(
+            **{**TINY_TEXT, **config},
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=1,
@@ -81,7 +87,7 @@ def build_random_model(folder: Path) -> None:
     torch.manual_seed(SEED)
     write_word_tokenizer(folder / "base" / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "base" / "tokenizer")
-    text_encoder = tiny_text_encoder(tokenizer)  # drawn first: the seeded weights stay the same
+    text_encoder = random_text_encoder(tokenizer)  # drawn first: the seeded weights stay the same
     channels = (32, 64, 64, 64)
     unet = UNet2DConditionModel(
         sample_size=16,

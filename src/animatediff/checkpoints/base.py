@@ -162,6 +162,14 @@ def save_base_folder(folder: str | Path, model: ImageModel) -> Path:
     folder = Path(folder)
     for name in ("tokenizer", "text_encoder", "vae", "unet"):
         getattr(model, name).save_pretrained(folder / name)
+    save_pipeline_files(folder)
+    return folder
+
+
+def save_pipeline_files(folder: str | Path) -> None:
+    """AnimateDiff's DDIM scheduler and the `model_index.json` that make a folder of SD1.5
+    parts (tokenizer, text_encoder, vae, unet) a diffusers folder."""
+    folder = Path(folder)
     DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -174,7 +182,6 @@ def save_base_folder(folder: str | Path, model: ImageModel) -> Path:
         "feature_extractor": [None, None],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
 
 
 def save_diffusers_folder(

@@ -39,7 +39,7 @@ from .io import (
     read_metadata,
     save_state_dict,
 )
-from .lora import motion_path_from_diffusers
+from .lora import motion_path_from_diffusers, motion_path_to_diffusers
 
 CONFIG_METADATA_KEY = "animatediff.motion_config"
 MAX_PE_LENGTH = 1 << 16  # positions a stored configuration may ask for
@@ -315,15 +315,7 @@ def to_diffusers_layout(sd: Mapping[str, torch.Tensor], config: MotionModuleConf
     """Original keys -> diffusers `MotionAdapter` keys, with the `pe` buffers it expects."""
     out = {}
     for key, value in sd.items():
-        new = key.replace(".temporal_transformer.", ".")
-        for diff, orig in (
-            (".norm1.", ".norms.0."),
-            (".norm2.", ".norms.1."),
-            (".norm3.", ".ff_norm."),
-            (".attn1.", ".attention_blocks.0."),
-            (".attn2.", ".attention_blocks.1."),
-        ):
-            new = new.replace(orig, diff)
+        new = motion_path_to_diffusers(key)
         out[new] = value
         if new.endswith(".norm1.weight"):
             pe = sinusoidal_encoding(config.max_frames, value.shape[0], dtype=value.dtype)

@@ -24,7 +24,7 @@ from huggingface_hub.utils import disable_progress_bars
 
 from .. import __version__
 from ..errors import UsageError, UserError
-from ..world.evaluate import add_arguments as evaluate_arguments
+from ..world.evaluate_settings import add_arguments as evaluate_arguments
 from . import generate, ui
 from .flags import Parser, printable
 from .outputs import check_writable

@@ -14,14 +14,21 @@ are remade from the seed). `--pack` copies the results (fp16) into the package.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTokenizer
 
+from ..builtin import write_word_tokenizer
+from ..builtin.model import random_text_encoder
+from ..checkpoints.base import save_pipeline_files
+from ..training import parse_config, train
+from ..training.encode import encode_dataset
+from ..video import read_video
 from .datasets import write_images, write_videos
 from .pack import pack
 from .recipe import (
@@ -95,17 +102,10 @@ def make_base_skeleton(folder: Path) -> None:
     together, and the scheduler. The encoder's token and position embeddings start equally
     wide: CLIP's init (positions 50x narrower than these words) leaves it a bag of words that
     cannot tell the object's colour from the background's, and training has to undo that."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    from ..builtin import write_word_tokenizer
-    from ..builtin.model import tiny_text_encoder
-    from ..schedule import ANIMATEDIFF_SCHEDULE
-
     torch.manual_seed(SEED)
     write_word_tokenizer(folder / "tokenizer", tuple(VOCABULARY) + EXTRA_WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    text = tiny_text_encoder(tokenizer)
+    text = random_text_encoder(tokenizer)
     torch.nn.init.normal_(text.get_input_embeddings().weight, std=1.0)
     positions = next(m for n, m in text.named_modules() if n.endswith("position_embedding"))
     torch.nn.init.normal_(positions.weight, std=1.0)
@@ -120,31 +120,12 @@ def make_base_skeleton(folder: Path) -> None:
         attention_head_dim=8,
         norm_num_groups=8,
     ).save_pretrained(folder / "unet")
-    DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": "0.30.0",
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-            }
-        )
-    )
+    save_pipeline_files(folder)  # the VAE follows (`train_vae`)
 
 
 def train_vae(data: Path, folder: Path, steps: int = 1600, batch: int = 16) -> None:
     """A small KL autoencoder (x4 downsampling) on stills and video frames; its latents are
     scaled to unit variance as SD's 0.18215 does for SD's VAE."""
-    from diffusers import AutoencoderKL
-
-    from ..video import read_video
-
     torch.manual_seed(SEED)
     files = (
         sorted((data / "images").glob("*.png"))[:1500]
@@ -189,9 +170,6 @@ def _train(config: dict, work: Path) -> list[Path]:
     """One `animatediff train` run, on latents pre-encoded once per dataset and clip length
     (`animatediff train --encode`): the VAE would otherwise cost more than the UNet. A run
     with a checkpoint continues from it."""
-    from ..training import parse_config, train
-    from ..training.encode import encode_dataset
-
     config = {"report_to": [], "checkpoint": {"every": 250, "keep": 1}, **config}
     config["data"] = {"sample_size": SIZE, "num_workers": 0, **config["data"]}
     config["train"] = {"seed": SEED, "log_every": 25, **config["train"]}

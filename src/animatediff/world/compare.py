@@ -7,7 +7,7 @@ The teacher is the built-in model (its base + motion module) sampled as `evaluat
 (DDIM, ``--steps`` steps, guidance ``--guidance-scale``); the student is the built-in base with
 the student's motion module, sampled with ``preset="auto"`` (the sampler, and the guidance, its
 file's metadata calls for) at each of ``--student-steps``. Every clip metric of
-``evaluate.clip_metrics`` is reported side by side with the seconds per animation; a student row
+``metrics.clip_metrics`` is reported side by side with the seconds per animation; a student row
 "holds" when each metric is within 10% of the teacher's or better.
 """
 
@@ -17,7 +17,12 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .evaluate import (
+import torch
+
+from ..builtin.model import builtin_model
+from ..options import Options
+from ..pipeline import AnimationPipeline
+from .evaluate_settings import (
     GUIDANCE_SCALE,
     NEGATIVE_PROMPT,
     NUM_FRAMES,
@@ -25,10 +30,9 @@ from .evaluate import (
     SEEDS,
     SIZE,
     STEPS,
-    _table,
-    clip_metrics,
-    save_results,
 )
+from .metrics import clip_metrics
+from .report import markdown_table, save_results
 
 # (column, metric key, higher is better)
 METRICS = (
@@ -47,8 +51,6 @@ TOLERANCE = 0.10  # a student metric may be this much (relative) worse than the 
 
 def _generate(pipe, prompts: Sequence[str], seeds: Sequence[int], size: int, frames: int, **how):
     """Clips (F, H, W, 3 uint8) and captions, every prompt once per seed; the seconds spent."""
-    import torch
-
     clips, captions, seconds = [], [], 0.0
     for seed in seeds:
         start = time.perf_counter()
@@ -83,8 +85,6 @@ def _row(label: str, pipe, prompts, seeds, size, frames, how: dict) -> dict:
 
 
 def _options(how: Mapping):
-    from ..options import Options  # torch-free, but kept out of the world's import
-
     return Options.build(dict(how))
 
 
@@ -119,9 +119,6 @@ def compare(
     """Teacher and student rows (module docstring) and, per student row, which metrics hold.
     `student_adapter`: an image-layer LoRA distilled with the student (`distill_lora.safetensors`),
     merged at 1.0."""
-    from ..builtin.model import builtin_model
-    from ..pipeline import AnimationPipeline
-
     log = progress or (lambda _: None)
     prompts = PROMPTS[:num_prompts]
     seeds = tuple(seeds if seeds is not None else SEEDS)
@@ -176,7 +173,7 @@ def format_comparison(results: Mapping) -> str:
         speedup = row.get("speedup")
         cells += [row["seconds_per_animation"], None if speedup is None else f"{speedup:.1f}x"]
         rows.append([*cells, short])
-    return "\n".join(lines + _table(header, rows)) + "\n"
+    return "\n".join(lines + markdown_table(header, rows)) + "\n"
 
 
 def run_comparison(args) -> dict:

@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ..video import save_video
 from .domain import web_video
 from .motion import CAMERA_KINDS, KINDS, OBJECT_KINDS, make_clip
 from .scene import DIRECTIONS, SPEEDS, Scene, as_rng, caption, pick, random_scene, render
@@ -76,10 +78,6 @@ def write_videos(
 ) -> list[Path]:
     """``n`` clips as ``clip_00000.mp4`` + ``.txt``, cycling through ``kinds`` (default the
     object motions, no camera motion); ``web`` gives them the blur and watermark of web video."""
-    import torch  # here, so that importing the world does not import torch
-
-    from ..video import save_video
-
     folder = Path(folder)
     kinds = tuple(kinds or OBJECT_KINDS)
     paths = []

@@ -21,6 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import builtin
+from ..pipeline import AnimationPipeline
+from ..training.config import NoiseConfig
+from ..training.loss import make_noise_scheduler
 from .motion import KINDS, make_clip
 
 TIMESTEPS = (100, 300, 500, 700, 900)
@@ -45,9 +49,6 @@ def _losses(
     """Epsilon MSE per timestep of each ``name: (clips, noise-arranger)`` variant. Noise follows
     the motion module's prior (``config.shared_noise``): every variant draws the same noise, its
     frames' own noise rearranged as its clips were, the part common to a clip left in place."""
-    from ..training.config import NoiseConfig
-    from ..training.loss import make_noise_scheduler
-
     scheduler = make_noise_scheduler(NoiseConfig())
     shared = pipe.unet.config.shared_noise
     first = next(iter(variants.values()))[0]
@@ -109,8 +110,6 @@ def _row(timesteps, a: list[float], b: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .. import AnimationPipeline, builtin
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kind", choices=KINDS, help="the motion the clips show")
     p.add_argument("--motion-lora", help="a built-in MotionLoRA name or a file")

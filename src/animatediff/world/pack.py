@@ -11,8 +11,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from ..builtin import PACKAGE_DATA
+from ..checkpoints.base import load_base
+from ..checkpoints.export import kohya_from_official, save_single_file
 from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict
 from .recipe import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
 from .styles import STYLES
@@ -25,9 +29,6 @@ def _half(src: Path, dst: Path) -> None:
 
 
 def _base_folder(src: Path, dst: Path) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     for name in ("tokenizer", "scheduler"):
         shutil.copytree(src / name, dst / name)
     shutil.copy(src / "model_index.json", dst / "model_index.json")
@@ -46,11 +47,6 @@ def _motion_lora(runs: Path, tmp: Path, name: str, manifest: dict, info: dict) -
 
 
 def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
-    from diffusers import UNet2DConditionModel
-
-    from ..checkpoints.base import load_base
-    from ..checkpoints.export import kohya_from_official, save_single_file
-
     runs = work / "runs"
     tmp = Path(tempfile.mkdtemp(prefix=".pack-", dir=target.parent))
     _base_folder(work / "base", tmp / "base")

@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import builtin
+from ..checkpoints.base import load_base
 from ..checkpoints.io import load_state_dict
+from ..pipeline.prompt import encode_prompts
+from ..training.config import NoiseConfig
+from ..training.loss import make_noise_scheduler
 from .motion import KINDS
 from .scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, Scene, caption, random_scene, render
 
@@ -68,10 +73,6 @@ def caption_losses(
     """Epsilon MSE per timestep for each caption variant of ``captions`` (``image``: an
     ``ImageModel`` with unet, vae, tokenizer and text encoder); every variant of a still gets
     the same noise."""
-    from ..pipeline.prompt import encode_prompts
-    from ..training.config import NoiseConfig
-    from ..training.loss import make_noise_scheduler
-
     scheduler = make_noise_scheduler(NoiseConfig())
     unet, vae = image.unet, image.vae
     device, dtype = unet.device, unet.dtype
@@ -120,9 +121,6 @@ def load_checkpoint(image, folder: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .. import builtin
-    from ..checkpoints.base import load_base
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", help="a diffusers base folder (default: the built-in base)")
     p.add_argument("--checkpoint", help="a trainer checkpoint folder of a run over --base")

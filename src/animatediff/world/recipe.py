@@ -66,71 +66,107 @@ def study_clips_folder(root: Path, study: dict) -> Path:
     return root / f"motion-{study['kind']}-{study['clips']}"
 
 
+IMAGE = {"num_frames": 1, "sample_stride": 1}  # the data of the image stages
+CLIP = {"num_frames": 16, "sample_stride": 1}  # and of the video stages
+
+
 def stage_configs(work: Path) -> dict[str, dict]:
     """Every training run of the build after the VAE, as `animatediff train` configs, in the
     order they run: the shipped models first, the ablation and studies last."""
-    data, base = work / "data", work / "base"
-    image = {"num_frames": 1, "sample_stride": 1}
-    clip = {"num_frames": 16, "sample_stride": 1}
-    adapter = str(work / "runs" / "adapter" / "domain_adapter.safetensors")
-    module = str(work / "runs" / MOTION_RUN / "motion_module.safetensors")
-    configs = {
+    configs = {**_model_configs(work), **_motion_lora_configs(work), **_style_configs(work)}
+    configs["motion-image-layers"] = _ablation_config(work, configs[MOTION_RUN])
+    configs.update(_study_configs(work, configs))
+    return configs
+
+
+def _run(work: Path, name: str) -> str:
+    return str(work / "runs" / name)
+
+
+def _adapter_file(work: Path) -> str:
+    return str(work / "runs" / "adapter" / "domain_adapter.safetensors")
+
+
+def _module_file(work: Path) -> str:
+    return str(work / "runs" / MOTION_RUN / "motion_module.safetensors")
+
+
+def _model_configs(work: Path) -> dict[str, dict]:
+    """The base (UNet and text encoder), the domain adapter and the motion module."""
+    data, base = work / "data", str(work / "base")
+    return {
         "base": dict(
             stage="image_finetune",
             base=str(work / "base-init"),
-            output_dir=str(work / "runs" / "base"),
-            data={"videos": str(data / "images"), **image, "caption_dropout": 0.1},
+            output_dir=_run(work, "base"),
+            data={"videos": str(data / "images"), **IMAGE, "caption_dropout": 0.1},
             train=BASE_TRAIN,
         ),
         "adapter": dict(
             stage="adapter",
-            base=str(base),
-            output_dir=str(work / "runs" / "adapter"),
-            data={"videos": str(data / "videos"), **image},
+            base=base,
+            output_dir=_run(work, "adapter"),
+            data={"videos": str(data / "videos"), **IMAGE},
             train={"steps": 400, "batch_size": 32, "learning_rate": 1e-3, "rank": 8},
         ),
         MOTION_RUN: dict(
             stage="motion",
-            base=str(base),
-            adapter=adapter,
-            output_dir=str(work / "runs" / MOTION_RUN),
-            data={"videos": str(data / "videos"), **clip, "caption_dropout": 0.1},
+            base=base,
+            adapter=_adapter_file(work),
+            output_dir=_run(work, MOTION_RUN),
+            data={"videos": str(data / "videos"), **CLIP, "caption_dropout": 0.1},
             train={**MOTION_TRAIN, "noise": {"shared_noise": SHARED_NOISE}},
         ),
     }
-    for kind in MOTION_LORAS:  # the module's noise prior is their default
-        configs[f"motion-lora-{kind}"] = dict(
+
+
+def _motion_lora_configs(work: Path) -> dict[str, dict]:
+    """A MotionLoRA per camera motion, on the shipped module (its noise prior is their default)."""
+    return {
+        f"motion-lora-{kind}": dict(
             stage="motion_lora",
-            base=str(base),
-            motion_module=module,
-            adapter=adapter,
+            base=str(work / "base"),
+            motion_module=_module_file(work),
+            adapter=_adapter_file(work),
             adapter_scale=0.0,
-            output_dir=str(work / "runs" / f"motion-lora-{kind}"),
-            data={"videos": str(data / f"motion-{kind}"), **clip},
+            output_dir=_run(work, f"motion-lora-{kind}"),
+            data={"videos": str(work / "data" / f"motion-{kind}"), **CLIP},
             train={"batch_size": 4, "learning_rate": 1e-3, "rank": 8, **LORA_TRAIN[kind]},
         )
-    for style in STYLES:
-        configs[f"personal-{style}"] = dict(
+        for kind in MOTION_LORAS
+    }
+
+
+def _style_configs(work: Path) -> dict[str, dict]:
+    """A personal model per style (the base fine-tuned on its stills) and one style's LoRA."""
+    data, base = work / "data", str(work / "base")
+    configs = {
+        f"personal-{style}": dict(
             stage="image_finetune",
-            base=str(base),
-            output_dir=str(work / "runs" / f"personal-{style}"),
-            data={"videos": str(data / f"style-{style}"), **image},
+            base=base,
+            output_dir=_run(work, f"personal-{style}"),
+            data={"videos": str(data / f"style-{style}"), **IMAGE},
             train={"steps": 250, "batch_size": 16, "learning_rate": 3e-4},
         )
+        for style in STYLES
+    }
     configs[f"lora-{STYLE_LORA}"] = dict(
         stage="adapter",  # a LoRA on the spatial attention, trained on the style's stills
-        base=str(base),
-        output_dir=str(work / "runs" / f"lora-{STYLE_LORA}"),
-        data={"videos": str(data / f"style-{STYLE_LORA}"), **image},
+        base=base,
+        output_dir=_run(work, f"lora-{STYLE_LORA}"),
+        data={"videos": str(data / f"style-{STYLE_LORA}"), **IMAGE},
         train={"steps": 300, "batch_size": 16, "learning_rate": 1e-3, "rank": 8},
     )
-    # The design the paper argues against (an ablation): the shipped module continued with the
-    # image layers trained as well, without the adapter.
-    motion = configs[MOTION_RUN]
-    configs["motion-image-layers"] = {
+    return configs
+
+
+def _ablation_config(work: Path, motion: dict) -> dict:
+    """The design the paper argues against: the shipped module (trained by `motion`) continued
+    with the image layers trained as well, without the adapter."""
+    return {
         **{k: v for k, v in motion.items() if k != "adapter"},
-        "motion_module": module,
-        "output_dir": str(work / "runs" / "motion-image-layers"),
+        "motion_module": _module_file(work),
+        "output_dir": _run(work, "motion-image-layers"),
         "train": {
             **motion["train"],
             "steps": ABLATION_STEPS,
@@ -139,17 +175,24 @@ def stage_configs(work: Path) -> dict[str, dict]:
             "train_image_layers": True,
         },
     }
-    # How a MotionLoRA depends on its rank and number of clips (shipped for `evaluate`).
+
+
+def _study_configs(work: Path, configs: dict[str, dict]) -> dict[str, dict]:
+    """How a MotionLoRA depends on its rank and number of clips (shipped for `evaluate`): each
+    study is its kind's run with a lower rank or the first N clips."""
+    studies = {}
     for name, study in LORA_STUDIES.items():
         like = configs[f"motion-lora-{study['kind']}"]
-        videos = study_clips_folder(data, study) if "clips" in study else like["data"]["videos"]
-        configs[f"motion-lora-{name}"] = {
+        videos = like["data"]["videos"]
+        if "clips" in study:
+            videos = study_clips_folder(work / "data", study)
+        studies[f"motion-lora-{name}"] = {
             **like,
-            "output_dir": str(work / "runs" / f"motion-lora-{name}"),
+            "output_dir": _run(work, f"motion-lora-{name}"),
             "data": {**like["data"], "videos": str(videos)},
             "train": {**like["train"], "rank": study.get("rank", like["train"]["rank"])},
         }
-    return configs
+    return studies
 
 
 # What each run leaves when it is done (its `output_dir`'s file or folder).
