@@ -50,6 +50,18 @@ def test_batch_equals_separate_runs(pipe):
         assert (batch[i] - alone[0]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_batch_of_prompts_equals_separate_runs_guided_or_not(pipe, guidance_scale):
+    """Without guidance the UNet sees the conditional rows only: each video keeps its own text."""
+    prompts = [PROMPT, "a green square turning on a white background"]
+    latents = torch.randn((2, 4, 2, 16, 16), generator=torch.Generator().manual_seed(2))
+    run = dict(FAST, num_frames=2, guidance_scale=guidance_scale)
+    batch = pipe(prompts, latents=latents, **run).frames
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt, latents=latents[i : i + 1], **run).frames
+        assert (batch[i] - alone[0]).abs().max() < 1e-4
+
+
 def test_decode_chunk_size_does_not_change_result(pipe):
     latents = torch.randn((1, 4, 6, 16, 16), generator=torch.Generator().manual_seed(2))
     a = pipe(PROMPT, latents=latents, decode_chunk_size=1, **FAST).frames

@@ -800,7 +800,8 @@ class AnimationPipeline:
         """The UNet's prediction for all frames: at once, or window by window fused per frame
         with the context options' weights (before guidance)."""
         frames, context = sample.shape[2], plan.context
-        text = plan.text if guided else plan.text[plan.text.shape[0] // 2 :]
+        # An unguided step of a guided plan drops the unconditional rows (the first half).
+        text = plan.text[plan.text.shape[0] // 2 :] if plan.guided and not guided else plan.text
         everything = list(range(frames))
         windows = context_windows(frames, step, plan.steps, context) if context else [everything]
         run = functools.partial(self.run, t=t, plan=plan, step=step, loop=loop, guided=guided)
