@@ -251,3 +251,19 @@ def test_lora_rank_mismatch_is_a_clear_error() -> None:
         pair.check_fits(torch.Size([8, 8]))
     with pytest.raises(ValueError, match="does not fit"):
         LoRAPair(torch.zeros(4, 8), torch.zeros(6, 4)).check_fits(torch.Size([8, 8]))
+
+
+def test_describe_tells_a_vae_from_clip_encoders(tmp_path):
+    """A VAE has a decoder; CLIP encoders saved by transformers are named as such, not as VAEs."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from animatediff.checkpoints.detect import describe
+    from animatediff.checkpoints.io import save_state_dict
+
+    tiny = dict(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=8, patch_size=4, **tiny))
+    save_state_dict(vision.state_dict(), tmp_path / "model.safetensors")
+    assert describe(tmp_path / "model.safetensors")["kind"] == "CLIP image encoder"
+    vae = {"encoder.conv_in.weight": torch.zeros(1), "decoder.conv_in.weight": torch.zeros(1)}
+    save_state_dict(vae, tmp_path / "vae.safetensors")
+    assert describe(tmp_path / "vae.safetensors")["kind"] == "VAE"

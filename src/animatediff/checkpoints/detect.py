@@ -116,6 +116,12 @@ def _classify(path: Path, sd: dict[str, torch.Tensor]) -> dict:
             "kind": "single-file SDXL checkpoint" if sdxl else "single-file SD checkpoint",
             "parts": parts,
         }
-    if any(k.startswith(("encoder.", "decoder.", LDM_VAE)) for k in keys):
+    if any(k.startswith(("decoder.", LDM_VAE + "decoder.")) for k in keys):
         return {"kind": "VAE"}
+    for prefix, kind in (
+        ("vision_model.", "CLIP image encoder"),
+        ("text_model.", "CLIP text encoder"),
+    ):
+        if any(k.startswith(prefix) for k in keys):
+            return {"kind": kind}
     return {"kind": "unknown"}
