@@ -33,7 +33,7 @@ def test_gpu_benchmark_imports_without_pyav(tmp_path):
 @pytest.mark.slow
 def test_gpu_benchmark_runs_on_cpu(tmp_path):
     cmd = [sys.executable, str(BENCH / "bench_gpu.py"), "--device", "cpu", "--dtype", "fp32",
-           "--arch", "mini", "--frames", "2", "--size", "32", "--steps", "1", "--window-frames",
+           "--arch", "mini", "--frames", "2", "--size", "32", "--steps", "2", "--window-frames",
            "4", "--window-length", "2", "--repeats", "1", "--compile", "none", "--threads", "1",
            "--variants", "diffusers,eager,windowed,deepcache", "--budget", "900",
            "--out", str(tmp_path)]  # fmt: skip

@@ -192,6 +192,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
             ("1 --control-images", "2 --control-frames"),
         ),
         "image path type": (["--config", str(config(cfg / "l.yaml", init_image=5))], ("5",)),
+        "alias of another kind": (["a cat", "--lora", "v2"], ("--lora", "alias of a motion")),
     }
 
 

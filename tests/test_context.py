@@ -284,3 +284,9 @@ def test_window_text():
     assert picked[:, 0, 0].tolist() == [4, 0, 9, 5]
     with pytest.raises(ValueError, match="rows"):
         window_text(torch.randn(3, 77, 8), [0], batch=2, num_frames=5)
+
+
+@pytest.mark.parametrize("off", [0, None, "0", "none"])
+def test_context_length_zero_or_none_means_no_windows(off):
+    """The CLI passes "0"/"none" as text (`--context-length 0`), Python 0 or None."""
+    assert ContextOptions(context_length=off).context_length is None

@@ -295,7 +295,9 @@ def round_trip(service: Service, values: dict, tmp_path: Path):
     expected = read_video(result.gif)
     assert expected.shape == (3, values["frames"], values["height"], values["width"])
     assert torch.equal(read_video(tmp_path / "command.gif"), expected)
-    (from_config,) = (tmp_path / "cfg").glob("*.gif")
+    # The config run writes its entry's GIF and, like the official script, a grid (sample.gif).
+    (from_config,) = (tmp_path / "cfg").glob("000-*.gif")
+    assert (tmp_path / "cfg" / "sample.gif").is_file()
     assert torch.equal(read_video(from_config), expected)
     return result
 

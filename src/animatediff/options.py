@@ -334,8 +334,9 @@ class ContextOptions(_Checked):
     )
 
     def __post_init__(self) -> None:
-        if self.context_length == 0:
-            object.__setattr__(self, "context_length", None)
+        off = self.context_length
+        if off == 0 or (isinstance(off, str) and off.strip().lower() in ("0", "none", "off")):
+            object.__setattr__(self, "context_length", None)  # as the CLI spells "no windows"
         super().__post_init__()
         if self.context_length is not None and self.context_overlap >= self.context_length:
             raise OptionError(

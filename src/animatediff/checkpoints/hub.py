@@ -39,7 +39,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from ..errors import CheckpointError, first_keys
+from ..errors import CheckpointError, UsageError, first_keys
 
 __all__ = [
     "ALIASES",
@@ -289,7 +289,7 @@ def _parse(text: str, kind: str) -> _Ref:
     alias = ALIASES.get(text.lower())
     if alias is not None:
         if alias.kind != kind:
-            raise ValueError(
+            raise UsageError(
                 f"{text!r} is the alias of a {KINDS[alias.kind]} ({alias.spec}), not of a "
                 f"{KINDS[kind]}"
             )
