@@ -9,6 +9,7 @@ The UNet is the reference base's (SD1.5 layout: 16 cross-attentions, cross-atten
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -495,3 +496,25 @@ def test_pipeline_with_ip_adapter(adapters, encoder_dir, tmp_path):
     settings = json.loads((tmp_path / "ip.gif.json").read_text())
     assert settings["control"]["ip_adapter_scale"] == 0.7
     assert settings["models"]["ip_adapter"] == str(path)
+
+
+def test_default_image_encoder_beside_the_adapter_else_the_released_one(
+    adapters, encoder_dir, tmp_path, monkeypatch
+):
+    """Without `image_encoder=`: `image_encoder/` beside the adapter (the released repository's
+    layout); else the released SD1.5 encoder by name (a hub download lands the adapter alone),
+    which offline and not cached is one line naming it."""
+    from huggingface_hub import constants
+
+    from animatediff.pipeline.pipeline import _image_encoder
+
+    shutil.copytree(encoder_dir, tmp_path / "models" / "image_encoder")
+    beside = shutil.copy(adapters["plain", "safetensors"], tmp_path / "models")
+    assert _image_encoder(Path(beside), None) == tmp_path / "models" / "image_encoder"
+    assert _image_encoder(Path(beside), encoder_dir) == encoder_dir
+    alone = shutil.copy(adapters["plain", "safetensors"], tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(CheckpointError, match="ip-adapter-image-encoder") as info:
+        _image_encoder(Path(alone), None)
+    assert "\n" not in str(info.value)

@@ -18,6 +18,7 @@ from cli_helpers import assert_error, assert_ok, run_cli
 import animatediff
 from animatediff.builtin.model import builtin_model
 from animatediff.checkpoints import hashes
+from animatediff.options import Options
 from animatediff.provenance import SettingsReadError
 from animatediff.video import read_settings, read_video, save_video, video_grid
 
@@ -229,3 +230,11 @@ def test_video_grid_layout() -> None:
     border[:, :, 2:10, 2:10] = border[:, :, 2:10, 12:20] = border[:, :, 12:18, 2:10] = 0
     assert border.abs().sum() == 0  # everything else black
     assert video_grid([a]) is a  # one video: as torchvision's make_grid, unpadded
+
+
+def test_settings_json_keeps_a_scheduler_config() -> None:
+    """A `scheduler_config` given from Python (as presets make) survives the settings JSON."""
+    options = Options.build({"scheduler_config": {"timestep_spacing": "trailing"}})
+    data = json.loads(json.dumps(options.to_json()))
+    assert data["sampling"]["scheduler_config"] == {"timestep_spacing": "trailing"}
+    assert Options.from_json(data) == options

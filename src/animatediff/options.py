@@ -230,8 +230,8 @@ class ModelOptions(_Checked):
         kind=str, metavar="PATH[:SCALE]",
     )  # fmt: skip
     image_encoder: str | None = opt(
-        None, "the IP-Adapter's CLIP image encoder folder (default: image_encoder/ beside it)",
-        kind=str,
+        None, "the IP-Adapter's CLIP image encoder (default: image_encoder/ beside it, else "
+        "ip-adapter-image-encoder)", kind=str,
     )  # fmt: skip
     dtype: str | None = opt(
         None, "precision (default: fp16 on CUDA, fp32 elsewhere)", kind=str,
@@ -566,6 +566,8 @@ def _jsonable(value: Any) -> Any:
         return value
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):  # scheduler_config
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if hasattr(value, "__fspath__"):
         return str(value)
     return f"<{type(value).__name__}>"

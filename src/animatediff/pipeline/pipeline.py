@@ -163,6 +163,16 @@ def _motion_module(motion_module, version: str | None):
     return build_motion_module(ckpt), ckpt.release
 
 
+def _image_encoder(ip_file: Path, image_encoder: str | Path | None) -> Path:
+    """The IP-Adapter's CLIP image encoder: as given; else `image_encoder/` beside the adapter
+    (as in the released repository); else the released SD1.5 encoder (ViT-H, which every
+    released SD1.5 adapter uses), by name: a hub download lands the adapter alone."""
+    if image_encoder is not None:
+        return resolve(image_encoder, "image_encoder")
+    beside = ip_file.parent / "image_encoder"
+    return beside if beside.is_dir() else resolve("ip-adapter-image-encoder", "image_encoder")
+
+
 def _strength_pairs(items) -> list[tuple[str, float]]:
     """Accept `path`, `(path, strength)` or a list of either."""
     if items is None:
@@ -277,7 +287,7 @@ class AnimationPipeline:
             self.controlnets = [load_controlnet(resolve(p, "controlnet"), unet) for p in paths]
         if ip_adapter is not None:
             ip_file = resolve(ip_adapter, "ip_adapter")
-            encoder = resolve(image_encoder or ip_file.parent / "image_encoder", "image_encoder")
+            encoder = _image_encoder(ip_file, image_encoder)
             self.ip_adapter = load_ip_adapter(ip_file, encoder, unet)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
