@@ -390,8 +390,9 @@ class PromptOptions(_Checked):
 
 @dataclass(frozen=True)
 class ControlInputs(_Checked):
-    """SparseCtrl keyframes, ControlNet images and IP-Adapter reference images (paths, PIL
-    images or tensors)."""
+    """SparseCtrl keyframes, ControlNet images and IP-Adapter reference images.
+
+    Each is paths, PIL images or tensors."""
 
     control_images: Any = opt(None, "SparseCtrl keyframes (images or a video)", nargs="+")
     control_frames: tuple[int, ...] | None = opt(

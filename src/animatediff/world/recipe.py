@@ -2,7 +2,7 @@
 `animatediff train` configs. `build` runs it, `pack` ships its results, `evaluate` names them;
 all three read it here (and none imports another).
 
-The recipe's choices, each measured (docs/builtin/README-section.md, docs/builtin/pan-left.md):
+The recipe's choices, each measured (README.md's built-in model section, docs/builtin/pan-left.md):
 - the text encoder is trained with the base (`train.train_text_encoder`): a frozen random one
   is a bag of words, and no UNet can learn from it which colour is the background; half the
   stills carry a motion caption (true of a clip's first frame), else the motion and camera
