@@ -238,7 +238,7 @@ class ModelOptions(_Checked):
         choices=("fp32", "fp16", "bf16"),
     )  # fmt: skip
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps", kind=str)
-    # Load-time memory and speed settings (see docs/performance.md).
+    # Load-time memory and speed settings (README, "Performance").
     offload: str = opt(
         "none", "keep weights in RAM, each model on the device only while it runs: model "
         "(whole models) or sequential (the UNet layer by layer: least memory, slowest)",
