@@ -122,6 +122,11 @@ def _check_scalar(f: dataclasses.Field, value: Any) -> Any:
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf)", re.IGNORECASE)
 
 
+def as_list(value: Any) -> list:
+    """A list or tuple as a list; anything else (a string, a number, a mapping) as one item."""
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 def path_strength(text: str, name: str = "value") -> tuple[str, float]:
     """`PATH[:STRENGTH]`. A colon followed by a name (`C:\\x`, `repo:file.ckpt`) belongs to
     the path; followed by something that is neither a number nor a name, it is a mistake."""

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..options import OWNER, ModelOptions, OptionError, Options
+from ..options import OWNER, ModelOptions, OptionError, Options, as_list
 from ..provenance import SettingsReadError, read_settings
 
 # Official keys with a direct equivalent among the options.
@@ -146,14 +146,14 @@ def _entry_runs(name: str, e: dict, root: Path) -> list[Run]:
 
 def _prompts(e: dict) -> tuple[list, list, list[str]]:
     """(prompts, one negative prompt each, motion modules), checked."""
-    prompts = [e["prompt_map"]] if "prompt_map" in e else _as_list(e["prompt"])
-    modules = _as_list(e["motion_module"])
+    prompts = [e["prompt_map"]] if "prompt_map" in e else as_list(e["prompt"])
+    modules = as_list(e["motion_module"])
     if not prompts or not modules:
         raise ConfigError(f"{'prompt' if not prompts else 'motion_module'}: an empty list")
     for module in modules:
         if not isinstance(module, str) or not module:
             raise ConfigError(f"motion_module: expected a path, got {module!r}")
-    negatives = _as_list(e.get("n_prompt") or [""])
+    negatives = as_list(e.get("n_prompt") or [""])
     negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
     if len(negatives) != len(prompts):
         raise ConfigError(f"{len(negatives)} n_prompt for {len(prompts)} prompts")
@@ -199,7 +199,7 @@ def _controlnet_entries(e: dict) -> dict:
 
 def _seeds(value: Any) -> list[int | None]:
     """`seed`: a number or a list of them, paired with the prompts in turn; -1: random."""
-    seeds = _as_list(value)
+    seeds = as_list(value)
     if not seeds:
         raise ConfigError("seed: an empty list (give a number, a list of numbers, or -1)")
     # each checked as the option (an OptionError names the value)
@@ -301,10 +301,6 @@ def _paths(value, root: Path, key: str):
     if isinstance(value, list):
         return [_paths(v, root, key) for v in value]
     return _path(value, root, key)
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
 
 
 def settings_json(info: dict, models: ModelOptions, extra: dict) -> str:

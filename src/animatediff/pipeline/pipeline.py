@@ -40,7 +40,7 @@ from ..lora import merged as lora_merged
 from ..motion.frames import WindowAccumulator, select_frames, window_text
 from ..motion.module import MotionModules
 from ..motion.unet import MotionUNet, as_motion_scale, set_ff_chunking
-from ..options import ContextOptions, OptionError, Options, SamplingOptions
+from ..options import ContextOptions, OptionError, Options, SamplingOptions, as_list
 from ..vae import decode_latents, encode_frames
 from ..video import Video
 from ..video.inputs import as_frames, as_image, reference_images
@@ -443,7 +443,7 @@ class AnimationPipeline:
         height, width = s.height or self.default_size, s.width or self.default_size
         init = self.init_frames(options, height, width)
         num_frames = s.num_frames or (init.shape[2] if options.init.init_video is not None else 16)
-        prompts = 1 if isinstance(prompt, Mapping) else len(_as_list(prompt))
+        prompts = 1 if isinstance(prompt, Mapping) else len(as_list(prompt))
         seed = secrets.randbelow(2**31) if s.seed is None and latents is None else s.seed
         shared = options.noise.shared_noise
         shared = self.unet.config.shared_noise if shared is None else shared
@@ -888,10 +888,6 @@ def _set_ff_chunking(host, rows: int | None) -> None:
         set_ff_chunking(host, rows)
 
 
-def _as_list(x: str | Sequence[str]) -> list[str]:
-    return [x] if isinstance(x, str) else list(x)
-
-
 def _prompt_json(prompt: Prompt):
     """Prompts as they go into the saved JSON: a string, a list, or a map with string keys."""
     if isinstance(prompt, Mapping):
@@ -905,7 +901,7 @@ def _prompt_keys(
     """(keyframe, text) for a prompt map; (None, text) for each prompt of a string or list."""
     if isinstance(prompt, Mapping):
         return travel_prompts(prompt, num_frames, head, tail)
-    return [(None, compose_prompt(head, p, tail)) for p in _as_list(prompt)]
+    return [(None, compose_prompt(head, p, tail)) for p in as_list(prompt)]
 
 
 def _embeddings(keys, encoded: torch.Tensor, num_frames: int, method: str) -> torch.Tensor:
