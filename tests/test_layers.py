@@ -16,13 +16,13 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "animatediff"
 
 # Lowest first. A package may import from its own layer or below, never from above.
 LAYERS: list[set[str]] = [
-    {"errors", "schedule", "options"},  # plain data and error types, torch-free
+    {"errors", "schedule", "options", "processes"},  # plain data, error types; torch-free
     {"motion", "checkpoints", "video", "vae", "lora", "provenance"},  # models and files
     {"builtin"},  # the default model's files
     {"control", "pipeline"},  # sampling
     {"training"},
     {"world", "ui"},
-    {"cli"},
+    {"cli", "__main__"},
 ]
 # Imported inside functions on purpose: optional extras, and the command line's heavy halves.
 OPTIONAL = {"bitsandbytes", "wandb", "gradio", "playwright", "tensorboard", "deepspeed"}

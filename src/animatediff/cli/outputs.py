@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..options import OUTPUT_SUFFIXES
+from ..processes import process_alive
 from .config import Run
 
 log = logging.getLogger("animatediff")
@@ -230,21 +231,3 @@ class Reservations:
 def _lock_file(path: Path) -> Path:
     key = hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:32]
     return locks_dir() / f"{key}.lock"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists (on Windows, where signal 0 would end it: assumed so).
-    As `video.files.process_alive`, which this light half cannot import (torch)."""
-    if pid <= 0:  # 0 and negatives name process groups, not a process
-        return False
-    if os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OverflowError:  # not a pid
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

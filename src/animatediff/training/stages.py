@@ -245,17 +245,7 @@ class TrainModel(nn.Module):
             if config.train.train_image_layers:
                 self.unet2d.save_pretrained(folder / "unet")
                 unet = [folder / "unet"]
-            return unet + [
-                save_motion_module(
-                    self.motion, folder / "motion_module.safetensors", extra_metadata=meta
-                ),
-                save_motion_module(
-                    self.motion,
-                    folder / "motion_module_diffusers",
-                    layout="diffusers",
-                    extra_metadata=meta,
-                ),
-            ]
+            return unet + _save_motion_files(self.motion, folder, meta)
         if self.stage in ("motion_lora", "adapter"):
             name = (
                 "motion_lora.safetensors"
@@ -282,17 +272,7 @@ class TrainModel(nn.Module):
         steps = config.distill.num_inference_steps
         release = Release(f"AnimateDiff consistency-distilled {steps}-step", "animatelcm", steps)
         meta = {**meta, **release_metadata(release)}
-        paths = [
-            save_motion_module(
-                self.motion, folder / "motion_module.safetensors", extra_metadata=meta
-            ),
-            save_motion_module(
-                self.motion,
-                folder / "motion_module_diffusers",
-                layout="diffusers",
-                extra_metadata=meta,
-            ),
-        ]
+        paths = _save_motion_files(self.motion, folder, meta)
         if self.lora is not None:
             layout = to_official_layout(self.lora.pairs())
             tensors = {k: v.float().cpu() for k, v in layout.items()}
@@ -300,6 +280,16 @@ class TrainModel(nn.Module):
             path = save_state_dict(tensors, folder / "distill_lora.safetensors", {**meta, **rank})
             paths.append(path)
         return paths
+
+
+def _save_motion_files(motion: MotionModules, folder: Path, meta: dict) -> list[Path]:
+    """A trained motion module in both layouts: the official file and a diffusers folder."""
+    return [
+        save_motion_module(motion, folder / "motion_module.safetensors", extra_metadata=meta),
+        save_motion_module(
+            motion, folder / "motion_module_diffusers", layout="diffusers", extra_metadata=meta
+        ),
+    ]
 
 
 def _continued_module(config: Config) -> MotionModules:

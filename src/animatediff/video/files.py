@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..processes import process_alive
+
 __all__ = [
     "claim",
     "new_path",
@@ -122,21 +124,6 @@ def remove_stale(path: Path) -> None:
         pid = tmp.name[len(path.name) + 2 :].split(".")[0]
         if pid.isdigit() and not process_alive(int(pid)):
             remove(tmp)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists (on Windows, where signal 0 would end it: assumed so)."""
-    if pid <= 0:  # 0 and negatives name process groups, not a process
-        return False
-    if os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # gone, or not a pid
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def remove(path: Path) -> None:
