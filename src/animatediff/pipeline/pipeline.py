@@ -413,7 +413,7 @@ class AnimationPipeline:
         prompt: a string, a list (one video each), or a prompt map `{frame: prompt}` (prompt
         travel; `-1` is the last frame). Settings: an :class:`~animatediff.options.Options`,
         its groups (`sampling=SamplingOptions(...)`, `context=...`, `noise=...`, `prompting=...`,
-        `control=...`, `init=...`, `output=...`) or their fields as flat keywords
+        `control=...`, `init=...`, `output=...`, `performance=...`) or their fields as flat keywords
         (`num_frames=24`, `context_length=16`, `init_image="photo.png"`, ...); see
         `animatediff.options` for every option and its meaning. `latents` (b, 4, f, h/8, w/8)
         replace the seeded noise. `output_type="latents"` returns the denoised latents instead
