@@ -1,0 +1,78 @@
+"""The built-in few-step student (issue 15): the built-in motion module distilled into a 4-step
+module with the `distill` stage (docs/distill/), shipped in the package data as a named option
+(not the default: it does not hold the teacher's metrics). Its name resolves to its file (and
+its image-layer LoRA, as the adapter, when it has one), `animatediff models` lists it, and
+`generate --motion-module NAME --preset auto` samples it with the LCM sampler at 4 steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from clirun import assert_ok, assert_usage_error, cli, cli_environment
+
+from animatediff import builtin
+from animatediff.checkpoints.detect import describe
+
+NAME = "builtin-4step"
+
+pytestmark = pytest.mark.skipif(
+    NAME not in builtin.manifest()["motion_modules"],
+    reason="the built-in models are not installed in this tree",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def environment(tmp_path_factory: pytest.TempPathFactory):
+    with cli_environment(tmp_path_factory.mktemp("animatediff-cache")):
+        yield
+
+
+def test_the_name_resolves_to_the_student_and_its_lora():
+    path, lora = builtin.motion_module(NAME)
+    info = describe(path)
+    assert (info["kind"], info["preset"], info["steps"]) == ("motion module", "animatelcm", 4)
+    assert builtin.manifest()["motion_modules"][NAME]["steps"] == 4
+    expected_adapter = None if lora is None else (str(lora), 1.0)
+    assert builtin.named_motion_module(NAME) == (str(path), expected_adapter)
+    # anything else passes through unchanged
+    assert builtin.named_motion_module("v3") == ("v3", None)
+    other = ("a.safetensors", 0.5)
+    assert builtin.named_motion_module(None, other) == (None, other)
+    assert builtin.named_motion_module(Path(NAME)) == (Path(NAME), None)
+    if lora is not None:
+        assert lora.is_file()
+        with pytest.raises(ValueError, match="adapter"):
+            builtin.named_motion_module(NAME, ("other.safetensors", 1.0))
+    with pytest.raises(ValueError, match=NAME):
+        builtin.motion_module("nope")
+
+
+def test_models_lists_it(tmp_path: Path):
+    run = cli(tmp_path, "models")
+    assert_ok(run)
+    line = next((x for x in run.stdout.splitlines() if f"--motion-module {NAME}" in x), None)
+    assert line is not None, run
+    assert "4-step" in line and "--preset auto" in line, line
+    assert str(builtin.motion_module(NAME)[0]) in line
+
+
+def test_generate_by_name_samples_with_lcm_at_4_steps(tmp_path: Path):
+    run = cli(
+        tmp_path, "generate", "a red circle moving right on a blue background",
+        "--motion-module", NAME, "--preset", "auto", "--frames", "4", "--seed", "0",
+        "-o", "fast.gif",
+    )  # fmt: skip
+    assert_ok(run)
+    assert run.saved() == ["fast.gif"], run
+    settings = json.loads((tmp_path / "fast.gif.json").read_text())
+    s = settings["sampling"]
+    assert (s["scheduler"], s["num_inference_steps"], s["guidance_scale"]) == ("lcm", 4, 2.0)
+    path, lora = builtin.motion_module(NAME)
+    assert Path(settings["models"]["motion_module"]) == path
+    adapter = settings["models"]["adapter"]
+    assert (adapter is None) if lora is None else (Path(adapter[0]) == lora), settings["models"]
+    if lora is not None:  # it brings its own adapter: another one is refused before loading
+        refused = cli(tmp_path, "generate", "a cat", "--motion-module", NAME, "--adapter", "x")
+        assert_usage_error(refused, "--adapter")
