@@ -6,6 +6,7 @@ its image-layer LoRA, as the adapter, when it has one), `animatediff models` lis
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from clirun import assert_ok, assert_usage_error, cli, cli_environment
 
 from animatediff import builtin
+from animatediff.builtin.model import builtin_model
 from animatediff.checkpoints.detect import describe
 
 NAME = "builtin-4step"
@@ -41,12 +43,38 @@ def test_the_name_resolves_to_the_student_and_its_lora():
     other = ("a.safetensors", 0.5)
     assert builtin.named_motion_module(None, other) == (None, other)
     assert builtin.named_motion_module(Path(NAME)) == (Path(NAME), None)
-    if lora is not None:
-        assert lora.is_file()
-        with pytest.raises(ValueError, match="adapter"):
-            builtin.named_motion_module(NAME, ("other.safetensors", 1.0))
     with pytest.raises(ValueError, match=NAME):
         builtin.motion_module("nope")
+
+
+def test_its_teacher_is_the_shipped_motion_module():
+    """A student is only as current as its teacher: a rebuilt built-in model (world.build /
+    pack) needs a student distilled again from the new motion module (docs/distill/)."""
+    entry = builtin.manifest()["motion_modules"][NAME]
+    teacher = builtin.PACKAGE_DATA / entry["teacher"]
+    assert teacher == builtin_model().motion_module
+    digest = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert digest == entry["teacher_sha256"], "the built-in motion module changed: distil again"
+
+
+@pytest.fixture
+def with_lora(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A built-in entry that brings an image-layer LoRA (as `distill.lora_rank` makes one)."""
+    shipped = builtin.manifest()
+    entry = {"file": "motion_module.safetensors", "steps": 4, "adapter": "lora.safetensors"}
+    names = {**shipped, "motion_modules": {**shipped["motion_modules"], "with-lora": entry}}
+    monkeypatch.setattr(builtin, "manifest", lambda: names)
+    return "with-lora"
+
+
+def test_a_student_with_a_lora_brings_it_as_the_adapter(with_lora: str, tmp_path: Path):
+    module, adapter = builtin.named_motion_module(with_lora)
+    assert module == str(builtin.PACKAGE_DATA / "motion_module.safetensors")
+    assert adapter == (str(builtin.PACKAGE_DATA / "lora.safetensors"), 1.0)
+    with pytest.raises(ValueError, match="adapter"):
+        builtin.named_motion_module(with_lora, ("other.safetensors", 1.0))
+    refused = cli(tmp_path, "generate", "a cat", "--motion-module", with_lora, "--adapter", "x")
+    assert_usage_error(refused, "--motion-module with-lora", "--adapter")
 
 
 def test_models_lists_it(tmp_path: Path):
@@ -73,6 +101,3 @@ def test_generate_by_name_samples_with_lcm_at_4_steps(tmp_path: Path):
     assert Path(settings["models"]["motion_module"]) == path
     adapter = settings["models"]["adapter"]
     assert (adapter is None) if lora is None else (Path(adapter[0]) == lora), settings["models"]
-    if lora is not None:  # it brings its own adapter: another one is refused before loading
-        refused = cli(tmp_path, "generate", "a cat", "--motion-module", NAME, "--adapter", "x")
-        assert_usage_error(refused, "--adapter")
