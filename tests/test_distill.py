@@ -308,13 +308,15 @@ def test_a_non_finite_loss_stops_training_with_one_line(data: Data, tmp_path: Pa
     assert "step 1" in message and "nan" in message and "\n" not in message
 
 
-def test_the_documented_distillation_config_is_valid():
-    """docs/distill/distill.yaml (the recipe of the shipped student) parses as written."""
+@pytest.mark.parametrize("name, lora_rank", [("distill.yaml", 0), ("distill-lora.yaml", 8)])
+def test_the_documented_distillation_configs_are_valid(name: str, lora_rank: int):
+    """docs/distill/*.yaml (the recipes of the two evaluated students) parse as written."""
     from animatediff.training import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "docs" / "distill" / "distill.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "docs" / "distill" / name)
     assert cfg.stage == "distill" and cfg.distill.num_inference_steps == 4
     assert cfg.distill.guidance_scale == (7.5, 7.5) and cfg.data.num_frames == 16
+    assert cfg.distill.lora_rank == lora_rank
 
 
 # -- 3. the teacher/student comparison of `animatediff evaluate --student` ----------------------------

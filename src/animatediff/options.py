@@ -198,7 +198,9 @@ class ModelOptions(_Checked):
     base: str | None = opt(
         None, "diffusers SD1.5 folder or hub id (default: the built-in model)", kind=str
     )
-    motion_module: str | None = opt(None, "motion module: a file, folder or hub id", kind=str)
+    motion_module: str | None = opt(
+        None, "motion module: a file, folder, hub id or built-in name", kind=str
+    )
     motion_version: str | None = opt(
         None, "override the detected motion-module version", kind=str, choices=("v1", "v2", "v3")
     )

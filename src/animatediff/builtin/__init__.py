@@ -3,8 +3,8 @@ downloaded (light: no torch; the CLI checks names with it before loading anythin
 
 The package ships a miniature world's models in `builtin/data/` (built by
 `python -m animatediff.world.build`, see the README): a tiny Stable-Diffusion-1.5-architecture
-base, a motion module, a domain adapter, personal styles and MotionLoRAs, found by name through
-`manifest()`. `builtin.model` resolves the default model: the shipped one, or (a source tree
+base, a motion module, a domain adapter, personal styles, MotionLoRAs and a few-step student of
+the motion module, found by name through `manifest()`. `builtin.model` resolves the default model: the shipped one, or (a source tree
 without the data) a tiny model with *random* weights built in code from a fixed seed.
 """
 
@@ -34,9 +34,12 @@ class BuiltinModel:
 
 def manifest() -> dict:
     """The shipped extras by name: `personal` styles (kind `checkpoint`: a single-file model;
-    `lora`: a kohya LoRA) and `motion_loras`; empty when only the random model exists."""
+    `lora`: a kohya LoRA), `motion_loras` and `motion_modules` (few-step students distilled from
+    the built-in motion module: `file`, `steps`, and `adapter` when an image-layer LoRA was
+    distilled with it); empty when only the random model exists."""
     file = PACKAGE_DATA / "manifest.json"
-    return json.loads(file.read_text()) if file.exists() else {"personal": {}, "motion_loras": {}}
+    data = json.loads(file.read_text()) if file.exists() else {}
+    return {"personal": {}, "motion_loras": {}, "motion_modules": {}, **data}
 
 
 def _named(section: str, name: str, what: str) -> dict:
@@ -63,6 +66,32 @@ def motion_lora_file(name_or_path: str) -> str:
     if not Path(name_or_path).exists() and name_or_path in manifest()["motion_loras"]:
         return str(motion_lora(name_or_path))
     return name_or_path
+
+
+def motion_module(name: str) -> tuple[Path, Path | None]:
+    """(motion module, its image-layer LoRA or None) of a built-in few-step motion module."""
+    entry = _named("motion_modules", name, "motion module")
+    lora = entry.get("adapter")
+    return entry["path"], None if lora is None else PACKAGE_DATA / lora
+
+
+def named_motion_module(spec, adapter=None) -> tuple:
+    """`(motion_module, adapter)` as `AnimationPipeline.load` takes them, with a built-in motion
+    module's name (`animatediff models`) replaced by its file and, when it was distilled with an
+    image-layer LoRA, that LoRA as the adapter at scale 1 (as `animatediff evaluate
+    --student-adapter` loads it). An existing path, another name or an object: unchanged.
+    ValueError: the named module brings its LoRA and another adapter was given."""
+    if not isinstance(spec, str) or Path(spec).exists() or spec not in manifest()["motion_modules"]:
+        return spec, adapter
+    path, lora = motion_module(spec)
+    if lora is None:
+        return str(path), adapter
+    if adapter is not None:
+        raise ValueError(
+            f"the built-in motion module {spec!r} brings its image-layer LoRA as the adapter; "
+            f"it cannot be combined with another adapter"
+        )
+    return str(path), (str(lora), 1.0)
 
 
 def adapter() -> Path | None:

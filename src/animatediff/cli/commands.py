@@ -78,8 +78,13 @@ def models(args: argparse.Namespace) -> None:
             else ""
         )
         print(f"{flag:<36}{'MotionLoRA':<12}{builtin.PACKAGE_DATA / entry['file']}{about}")
-    if not entries["personal"] and not entries["motion_loras"]:
-        print("no built-in styles or MotionLoRAs installed")
+    for name, entry in entries["motion_modules"].items():
+        flag = f"--motion-module {name}"
+        lora = "; with its image LoRA" if entry.get("adapter") else ""
+        about = f"  ({entry['steps']}-step student: use --preset auto{lora})"
+        print(f"{flag:<36}{'few-step':<12}{builtin.PACKAGE_DATA / entry['file']}{about}")
+    if not any(entries[k] for k in ("personal", "motion_loras", "motion_modules")):
+        print("no built-in styles, MotionLoRAs or few-step motion modules installed")
 
 
 def train_command(args: argparse.Namespace) -> None:

@@ -146,8 +146,13 @@ def _prompt(args) -> str | dict:
 
 
 def _builtin_names(run: Run) -> Run:
-    """Built-in style and MotionLoRA names (`animatediff models`) -> their files."""
+    """Built-in style, MotionLoRA and motion-module names (`animatediff models`) -> their files
+    (a few-step motion module's image-layer LoRA becomes the adapter)."""
     m = run.models
+    try:
+        motion_module, adapter = builtin.named_motion_module(m.motion_module, m.adapter)
+    except ValueError as e:
+        raise UsageError(f"--motion-module {m.motion_module}: {e}; drop --adapter") from None
     loras, personal = list(m.loras), m.personal
     if personal and not Path(personal).exists():
         styles = builtin.manifest()["personal"]
@@ -158,7 +163,14 @@ def _builtin_names(run: Run) -> Run:
         personal = str(path) if kind == "checkpoint" else None
         loras += [(str(path), 1.0)] if kind == "lora" else []
     motion_loras = [(builtin.motion_lora_file(p), s) for p, s in m.motion_loras]
-    models = dataclasses.replace(m, personal=personal, loras=loras, motion_loras=motion_loras)
+    models = dataclasses.replace(
+        m,
+        motion_module=motion_module,
+        adapter=adapter,
+        personal=personal,
+        loras=loras,
+        motion_loras=motion_loras,
+    )
     return dataclasses.replace(run, models=models)
 
 

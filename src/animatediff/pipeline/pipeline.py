@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..builtin import named_motion_module
 from ..builtin.model import resolve as resolve_builtin
 from ..checkpoints.adapters import apply_image_lora, attention_lora_pairs
 from ..checkpoints.base import ImageModel, load_base, load_single_file, load_vae_file
@@ -256,7 +257,13 @@ class AnimationPipeline:
         also be a Hub id, `repo:file` or an alias (`checkpoints.hub`), downloaded once.
         offload: "model" or "sequential" keeps weights in RAM (see :meth:`enable_offload`);
         compile, cuda_graphs, fuse_qkv, channels_last: lossless speed-ups (:meth:`optimize`).
+        A built-in few-step motion module is taken by name (`motion_module="builtin-4step"`,
+        `animatediff models`), with its image-layer LoRA as the adapter when it has one.
         """
+        try:
+            motion_module, adapter = named_motion_module(motion_module, adapter)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
         base, motion_module = resolve_builtin(base, motion_module)
         if motion_module is None:
             raise OptionError("a motion module is needed with a custom base (motion_module=...)")
