@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import replace
 
@@ -45,6 +47,7 @@ from animatediff.world.datasets import motion_clips, write_images, write_videos
 from animatediff.world.detect import alignment_checks, displacement, object_mask
 from animatediff.world.domain import blur, watermark
 from animatediff.world.motion import DISTANCE, GROWTH, PAN, ZOOM
+from animatediff.world.pack import _carry_students
 from animatediff.world.scene import OBJECT_COLOURS, SHAPES
 
 SIZE = 64
@@ -435,3 +438,22 @@ def test_probe_ratio_is_one_exactly_when_the_unet_ignores_the_text(tmp_path):
     load_checkpoint(image, tmp_path / "step-1")
     ratios = caption_ratios(image, images=4, timesteps=(300, 700))
     assert all(r == pytest.approx(1.0, abs=1e-6) for v in ratios.values() for r in v), ratios
+
+
+def test_pack_keeps_a_student_of_the_packed_teacher_only(tmp_path):
+    """A repack carries the shipped few-step student over while its teacher is the packed motion
+    module, and drops it (it would sample wrongly) when the motion module changed."""
+    target = tmp_path / "data"
+    (target / "motion_modules").mkdir(parents=True)
+    (target / "motion_modules" / "s.safetensors").write_bytes(b"student")
+    entry = {"file": "motion_modules/s.safetensors", "steps": 4}
+    for teacher, kept in ((b"teacher", True), (b"another teacher", False)):
+        tmp = tmp_path / f"new-{kept}"
+        tmp.mkdir()
+        (tmp / "motion_module.safetensors").write_bytes(b"teacher")
+        entry["teacher_sha256"] = hashlib.sha256(teacher).hexdigest()
+        (target / "manifest.json").write_text(json.dumps({"motion_modules": {"s": entry}}))
+        manifest: dict = {"personal": {}, "motion_loras": {}}
+        _carry_students(target, tmp, manifest)
+        assert ("s" in manifest.get("motion_modules", {})) == kept
+        assert (tmp / entry["file"]).exists() == kept

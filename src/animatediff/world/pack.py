@@ -5,6 +5,7 @@ MotionLoRAs in the official MotionLoRA layout; `manifest.json` names them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -79,6 +80,7 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
         UNet2DConditionModel.from_pretrained(
             baseline / "unet", torch_dtype=torch.float16
         ).save_pretrained(tmp / "baseline" / "unet")
+    _carry_students(target, tmp, manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if target.exists():
         shutil.rmtree(target)
@@ -86,3 +88,18 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     print(f"packed {target}: {size / 2**20:.1f} MiB")
     return target
+
+
+def _carry_students(target: Path, tmp: Path, manifest: dict) -> None:
+    """Keep the shipped few-step students (docs/distill/) whose teacher is still the packed
+    motion module; a student of another teacher is dropped, saying so (distil it again)."""
+    old = target / "manifest.json"
+    students = json.loads(old.read_text()).get("motion_modules", {}) if old.exists() else {}
+    teacher = hashlib.sha256((tmp / "motion_module.safetensors").read_bytes()).hexdigest()
+    for name, entry in students.items():
+        if entry.get("teacher_sha256") != teacher:
+            print(f"dropped {name}: distilled from another motion module; distil it again")
+            continue
+        (tmp / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(target / entry["file"], tmp / entry["file"])
+        manifest.setdefault("motion_modules", {})[name] = entry
