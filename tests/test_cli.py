@@ -110,6 +110,8 @@ def test_builtin_styles_and_motion_loras_by_name(tmp_path) -> None:
     names = builtin.manifest()
     for name in [*names["personal"], *names["motion_loras"]]:
         assert name in listing.stdout, listing
+    for line in ("--motion-module v3 ", "--motion-lora v2-zoom-in ", "--base sd15 "):
+        assert line in listing.stdout, listing  # the Hub names, with the flag that takes them
     run = cli(
         tmp_path, "generate", "a red circle on a blue background",
         "--personal", "stripes", "--motion-lora", "zoom-in:0.8", "--frames", "4", "--steps", "2",

@@ -13,6 +13,7 @@ from .. import builtin
 from ..builtin.model import builtin_model
 from ..checkpoints.base import save_diffusers_folder
 from ..checkpoints.detect import describe
+from ..checkpoints.hub import KINDS, aliases
 from ..checkpoints.motion import read_motion_checkpoint, save_motion_module
 from ..training import load_config, train
 from ..training.encode import encode_dataset
@@ -66,25 +67,50 @@ def models(args: argparse.Namespace) -> None:
     print(f"motion module   {model.motion_module}")
     if builtin.adapter():
         print(f"domain adapter  {builtin.adapter()}  (applied with --adapter PATH[:SCALE])")
-    entries = builtin.manifest()
+    rows = _builtin_rows(builtin.manifest())
+    _print_rows(rows or [("no built-in styles, MotionLoRAs or few-step modules installed",)])
+    print("\nHub names (downloaded once into the Hugging Face cache; --offline: the cache only):")
+    _print_rows(
+        [
+            (f"{FLAGS.get(kind, '--' + kind.replace('_', '-'))} {name}", KINDS[kind], spec)
+            for kind in KINDS
+            for name, spec in aliases(kind).items()
+        ]
+    )
+
+
+FLAGS = {"base": "--base", "ip_adapter": "--ip-adapter", "image_encoder": "--image-encoder"}
+
+
+def _builtin_rows(entries: dict) -> list[tuple[str, ...]]:
+    """(flag, kind, file, about) of the built-in styles, MotionLoRAs and few-step modules."""
+    rows = []
     for name, entry in entries["personal"].items():
-        flag = f"--personal {name}"
-        print(f"{flag:<36}{entry['kind']:<12}{builtin.PACKAGE_DATA / entry['file']}")
+        rows.append(
+            (f"--personal {name}", entry["kind"], str(builtin.PACKAGE_DATA / entry["file"]))
+        )
     for name, entry in entries["motion_loras"].items():
-        flag = f"--motion-lora {name}[:STRENGTH]"
         about = (
-            f"  ({entry['kind']}, rank {entry['rank']}, {entry['clips']} clips)"
+            f"({entry['kind']}, rank {entry['rank']}, {entry['clips']} clips)"
             if "rank" in entry
             else ""
         )
-        print(f"{flag:<36}{'MotionLoRA':<12}{builtin.PACKAGE_DATA / entry['file']}{about}")
+        file = str(builtin.PACKAGE_DATA / entry["file"])
+        rows.append((f"--motion-lora {name}[:STRENGTH]", "MotionLoRA", file, about))
     for name, entry in entries["motion_modules"].items():
-        flag = f"--motion-module {name}"
         lora = "; with its image LoRA" if entry.get("adapter") else ""
-        about = f"  ({entry['steps']}-step student: use --preset auto{lora})"
-        print(f"{flag:<36}{'few-step':<12}{builtin.PACKAGE_DATA / entry['file']}{about}")
-    if not any(entries[k] for k in ("personal", "motion_loras", "motion_modules")):
-        print("no built-in styles, MotionLoRAs or few-step motion modules installed")
+        about = f"({entry['steps']}-step student: use --preset auto{lora})"
+        file = str(builtin.PACKAGE_DATA / entry["file"])
+        rows.append((f"--motion-module {name}", "few-step", file, about))
+    return rows
+
+
+def _print_rows(rows: list[tuple[str, ...]]) -> None:
+    """Columns as wide as their longest cell (the last one unpadded)."""
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths)] + [row[-1]]
+        print("  ".join(cells).rstrip())
 
 
 def train_command(args: argparse.Namespace) -> None:
