@@ -482,3 +482,12 @@ def test_ui_command_without_gradio_says_how_to_install_it():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert 'pip install "animatediff[ui]"' in done.stderr and "Traceback" not in done.stderr
+
+
+def test_builtin_few_step_students_are_offered(library):
+    """The shipped few-step students sit among the motion modules, by their built-in names."""
+    students = builtin.manifest().get("motion_modules", {})
+    if not students:
+        pytest.skip("no built-in few-step module in this tree")
+    offered = keys(library, "motion_module")
+    assert {f"builtin:{name}" for name in students} <= offered, offered

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
+
 PACKAGE_DATA = Path(__file__).parent / "data"
 BUILD_VERSION = "random-v1"
 SEED = 0
@@ -46,7 +48,7 @@ def _named(section: str, name: str, what: str) -> dict:
     entries = manifest().get(section, {})
     if name not in entries:
         known = ", ".join(entries) or "none (the built-in model is not installed)"
-        raise ValueError(f"no built-in {what} named {name!r}; built-in: {known}")
+        raise UsageError(f"no built-in {what} named {name!r}; built-in: {known}")
     return {**entries[name], "path": PACKAGE_DATA / entries[name]["file"]}
 
 
@@ -80,14 +82,14 @@ def named_motion_module(spec, adapter=None) -> tuple:
     module's name (`animatediff models`) replaced by its file and, when it was distilled with an
     image-layer LoRA, that LoRA as the adapter at scale 1 (as `animatediff evaluate
     --student-adapter` loads it). An existing path, another name or an object: unchanged.
-    ValueError: the named module brings its LoRA and another adapter was given."""
+    UsageError: the named module brings its LoRA and another adapter was given."""
     if not isinstance(spec, str) or Path(spec).exists() or spec not in manifest()["motion_modules"]:
         return spec, adapter
     path, lora = motion_module(spec)
     if lora is None:
         return str(path), adapter
     if adapter is not None:
-        raise ValueError(
+        raise UsageError(
             f"the built-in motion module {spec!r} brings its image-layer LoRA as the adapter; "
             f"it cannot be combined with another adapter"
         )

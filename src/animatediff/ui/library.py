@@ -224,6 +224,11 @@ def builtin_entries() -> list[ModelEntry]:
     for name in names["motion_loras"]:
         path = builtin.motion_lora(name)
         entries.append(ModelEntry(BUILTIN + name, f"{name} (built-in)", "motion_lora", path, name))
+    for name, entry in names.get("motion_modules", {}).items():
+        if "adapter" not in entry:  # (one that brings its image LoRA needs the command line)
+            label = f"{name} (built-in, {entry['steps']}-step: preset auto)"
+            path = builtin.motion_module(name)[0]
+            entries.append(ModelEntry(BUILTIN + name, label, "motion_module", path, name))
     if builtin.adapter() is not None:
         entries.append(
             ModelEntry(BUILTIN + "adapter", "built-in", "adapter", builtin.adapter(), "adapter")
