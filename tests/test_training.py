@@ -1562,3 +1562,22 @@ def test_timestep_range_bounds_the_drawn_timesteps():
         diffusion_loss(predict, latents, make_noise_scheduler(noise), noise, gens)
         assert lo <= min(seen) and max(seen) < hi, (lo, hi, min(seen), max(seen))
     assert min(seen) < 300  # the default really spans the schedule
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin", "scheduler.bin"])
+def test_resume_never_runs_code_from_a_checkpoint(data: Data, tmp_path: Path, name: str):
+    """A checkpoint file replaced by a pickle whose loading would run code: `--resume` stops
+    with one line naming the file (exit 2), and the code never runs."""
+    from cli_helpers import write_evil
+
+    out = tmp_path / "run"
+    cfg = config("motion", out, data.overfit, steps=2, checkpoint={"every": 1, "keep": 5})
+    cfg_file = write_yaml(tmp_path / "cfg.yaml", cfg)
+    assert run_cli_main(["train", str(cfg_file)])[0] == 0
+    latest = max((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+    marker = tmp_path / "ran"
+    write_evil(latest / name, marker)
+    code, _, stderr = run_cli_main(["train", str(cfg_file), "--resume"])
+    lines = stderr.strip().splitlines()
+    assert not marker.exists(), "unpickling ran code"
+    assert code == 2 and len(lines) == 1 and name in lines[0], (code, stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 
 from ..checkpoints.io import load_state_dict, save_state_dict
 from ..errors import CheckpointError
@@ -81,6 +83,7 @@ class Checkpoints:
         ckpt = self.latest()
         if ckpt is None:
             raise CheckpointError(self.root, "--resume: no checkpoint here to continue from")
+        _check_pickles(ckpt)
         self.accelerator.load_state(str(ckpt))
         return ckpt
 
@@ -112,3 +115,17 @@ class Checkpoints:
         }
         self.state.restore(tensors, progress)
         models.clear()  # restored above; Accelerate has no model file to read
+
+
+def _check_pickles(folder: Path) -> None:
+    """Every pickled file of Accelerate's in `folder` loads as data only (tensors, plain
+    containers, NumPy's RNG arrays), before `load_state` reads it: Accelerate would skip RNG
+    states it cannot read, and the resumed run would quietly differ."""
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in (".bin", ".pkl", ".pt"):
+            continue
+        try:
+            accelerate_load(path, map_location="cpu", weights_only=True)  # as load_state does
+        except Exception as e:  # noqa: BLE001 - any failure: the file is not what we wrote
+            why = "needs code to load" if isinstance(e, pickle.UnpicklingError) else "unreadable"
+            raise CheckpointError(path, f"{why}; not a checkpoint this trainer wrote") from None
