@@ -104,3 +104,8 @@ accepted: list = []
 
 def accept(job) -> None:
     accepted.append(job)
+
+
+def crash(*args, **kwargs) -> None:
+    """A heavy half with a bug in it."""
+    raise RuntimeError("boom")

@@ -31,6 +31,7 @@ from cli_helpers import (
 )
 from PIL import Image
 
+from animatediff.builtin.model import builtin_model
 from animatediff.cli import main as cli_main
 from animatediff.cli import outputs, render
 from animatediff.cli import save as saving
@@ -193,6 +194,11 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         ),
         "image path type": (["--config", str(config(cfg / "l.yaml", init_image=5))], ("5",)),
         "alias of another kind": (["a cat", "--lora", "v2"], ("--lora", "alias of a motion")),
+        "cuda graphs alone": (["a cat", "--cuda-graphs"], ("--cuda-graphs", "--compile full")),
+        "sequential ip-adapter": (
+            ["a cat", "--offload", "sequential", "--ip-adapter", mm],
+            ("sequential", "IP-Adapter"),
+        ),
     }
 
 
@@ -518,3 +524,49 @@ def test_existing_output_without_overwrite_is_kept(tmp_path: Path, capsys) -> No
     assert out.read_bytes() == b"mine"
     assert_ok(run_cli(capsys, "generate", "a cat", *FAST, "-o", out, "--overwrite"))
     assert out.read_bytes()[:3] == b"GIF"
+
+
+# -- mistakes known only once the models are loaded: still one line -------------------------------
+def test_mistakes_known_after_loading_are_one_line(tmp_path: Path, capsys) -> None:
+    """A clip skip beyond the text encoder's layers, two embeddings of one name, a motion
+    module made for another UNet (the built-in one on the reference base): one line, exit 2,
+    nothing written."""
+    emb = {"emb_params": torch.zeros(1, 32)}
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        torch.save(emb, tmp_path / folder / "style.pt")
+    cases = {
+        "clip skip": (["--clip-skip", "12"], ("clip_skip", "12")),
+        "same name": (
+            [
+                "--embedding",
+                tmp_path / "a" / "style.pt",
+                "--embedding",
+                tmp_path / "b" / "style.pt",
+            ],
+            ("style", "already loaded"),
+        ),
+        "other unet": (
+            ["--base", REF / "base", "--motion-module", builtin_model().motion_module],
+            ("does not fit",),
+        ),
+    }
+    for name, (args, needles) in cases.items():
+        result = run_cli(capsys, "generate", "a cat", *FAST, "-o", tmp_path / "x.gif", *args)
+        try:
+            assert_error(result, *needles)
+        except AssertionError as e:
+            raise AssertionError(f"case {name!r}: {e}") from None
+    assert not (tmp_path / "x.gif").exists()
+
+
+def test_a_bug_is_a_short_report_pointing_at_debug(monkeypatch, capsys) -> None:
+    """Anything but the project's own errors is a bug: a two-line report and exit 1; with
+    --debug the exception goes through (the interpreter prints its traceback)."""
+    monkeypatch.setitem(cli_main.HEAVY, "generate", ("cli_helpers", "crash"))
+    result = run_cli(capsys, "generate", "a cat")
+    assert result.code == 1, result
+    assert "unexpected error: RuntimeError: boom" in result.err, result
+    assert "--debug" in result.err and "Traceback" not in result.err, result
+    with pytest.raises(RuntimeError, match="boom"):  # --debug: the exception itself
+        run_cli(capsys, "generate", "a cat", "--debug")

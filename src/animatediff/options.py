@@ -268,6 +268,10 @@ class ModelOptions(_Checked):
         super().__post_init__()
         if not DEVICE.fullmatch(self.device):
             raise _bad("device", self.device, "not a device (auto, cpu, cuda, cuda:N, mps)")
+        if self.cuda_graphs and self.compile != "full":
+            raise OptionError("--cuda-graphs needs --compile full (one graph per UNet call)")
+        if self.offload == "sequential" and self.ip_adapter is not None:
+            raise OptionError("--offload sequential cannot stream an IP-Adapter; use model")
 
 
 @dataclass(frozen=True)

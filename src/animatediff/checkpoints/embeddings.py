@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .io import CheckpointError, StrPath, first_keys, load_object
 
 __all__ = ["MAX_VECTORS", "Embedding", "TextualInversions", "read_embedding"]
@@ -122,9 +123,11 @@ class TextualInversions:
             raise CheckpointError(embedding.path, problem)
         name = embedding.name
         if not name.strip():
-            raise ValueError(f"embedding from {embedding.path}: the name is empty")
+            raise UsageError(f"embedding from {embedding.path}: the name is empty")
         if name.lower() in self._items:
-            raise ValueError(f"an embedding named {name!r} is already loaded")
+            raise UsageError(
+                f"an embedding named {name!r} is already loaded (embeddings are named by file name)"
+            )
         self._items[name.lower()] = embedding
         return embedding
 

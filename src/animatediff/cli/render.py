@@ -90,6 +90,8 @@ def device(name: str) -> str:
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available on this machine")
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise UsageError(f"--device {name}: no Intel GPU (XPU) is available on this machine")
     return name
 
 

@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from ..errors import UsageError
 from .config import MotionModuleConfig
 from .frames import (
     WindowAccumulator,
@@ -80,7 +81,7 @@ class MotionUNet(nn.Module):
     def _check_layout(self) -> None:
         problems = layout_problems(self.unet, self.motion)
         if problems:
-            raise ValueError(
+            raise UsageError(
                 "motion module does not fit this UNet (is it for another base model, e.g. SDXL?): "
                 + "; ".join(problems)
             )

@@ -339,7 +339,7 @@ class AnimationPipeline:
         if mode == "none":
             return self.to(device)
         if mode == "sequential" and self.ip_adapter is not None:
-            raise ValueError("offload sequential does not support an IP-Adapter; use model")
+            raise OptionError("offload sequential does not support an IP-Adapter; use model")
         if self.offload.mode == "sequential":
             raise ValueError("sequential offloading cannot be changed once enabled; load again")
         if mode == "sequential":

@@ -34,6 +34,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..checkpoints.embeddings import Embedding, TextualInversions
+from ..options import OptionError
 from .prompt_syntax import BREAK, parse_prompt_attention
 
 __all__ = [
@@ -216,7 +217,7 @@ def encode_prompts(
 def _check_clip_skip(text_encoder: CLIPTextModel, clip_skip: int) -> None:
     layers = text_encoder.config.num_hidden_layers
     if type(clip_skip) is not int or not 1 <= clip_skip <= layers:  # bool is not int here
-        raise ValueError(
+        raise OptionError(
             f"clip_skip must be an integer from 1 (the last layer, the default) to {layers} "
             f"(the text encoder's layers), got {clip_skip!r}"
         )
