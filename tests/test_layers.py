@@ -87,6 +87,45 @@ def graph() -> dict[str, set[str]]:
     return edges
 
 
+def module_graph() -> dict[str, set[str]]:
+    """module -> the modules of animatediff it imports at module level."""
+    paths = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+    edges: dict[str, set[str]] = defaultdict(set)
+    for module, path in paths.items():
+        for name, top in imports(path):
+            parts = name.split(".")
+            while parts and ".".join(parts) not in paths:
+                parts.pop()  # `from .pack import pack` names pack.pack: the module is pack
+            target = ".".join(parts)
+            if top and target and target != module:
+                edges[module].add(target)
+    return edges
+
+
+def test_modules_form_no_cycle():
+    """Within packages too: no two modules import each other, directly or around a loop (a
+    package's `__init__` re-exporting its modules is not a loop back into it)."""
+    edges = module_graph()
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    loops: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if nxt.startswith(node + ".") and node == nxt.rsplit(".", 1)[0]:
+                continue  # a package's __init__ importing its own module
+            if state.get(nxt) == 1:
+                loops.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not loops, [" -> ".join(loop) for loop in loops]
+
+
 def layer(package: str) -> int:
     for i, names in enumerate(LAYERS):
         if package in names:
