@@ -2,8 +2,9 @@
 
 `cli(cwd, *args)` calls `animatediff.cli.main.main(argv)` in folder `cwd` and returns its exit
 code with what it printed; `cli_environment()` sets up what `main` would have in a fresh
-process. The command's log messages (`logging`, e.g. its warnings) reach pytest's log capture
-(`caplog`), not the captured stderr: `main` leaves logging alone where handlers exist. In-process runs share the imports of torch and diffusers, which a process pays for
+process. `main` gives the package logger a stderr handler for the run and restores it after, so
+the command's log messages (e.g. its warnings) are in the captured stderr, as in a process.
+In-process runs share the imports of torch and diffusers, which a process pays for
 every command; the few properties only a process shows (the entry point, `--debug`
 tracebacks) are tested with real processes in test_cli.py.
 """

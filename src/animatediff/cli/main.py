@@ -1,8 +1,8 @@
 """`animatediff` command line: a thin layer over the library.
 
 Each command has a light half that parses and checks its arguments without importing torch
-(which takes seconds), and a heavy half imported only once the checks pass: this file is the
-one place in the package that imports lazily, for that reason. A mistake (a bad flag, value,
+(which takes seconds), and a heavy half imported only once the checks pass (with importlib,
+like the package root's re-exports: the only lazy imports in the package). A mistake (a bad flag, value,
 file or config) prints one line and exits 2; any other failure prints a short report with a hint
 to rerun with `--debug`, which shows the traceback (`--debug` works before or after the command).
 """
