@@ -18,6 +18,7 @@ from cli_helpers import assert_error, assert_ok, run_cli
 import animatediff
 from animatediff.builtin.model import builtin_model
 from animatediff.checkpoints import hashes
+from animatediff.cli.config import _portable
 from animatediff.options import Options
 from animatediff.provenance import SettingsReadError
 from animatediff.video import read_settings, read_video, save_video, video_grid
@@ -75,6 +76,25 @@ def test_from_json_or_video_remakes_the_same_frames(work: Path, capsys) -> None:
     assert {k: v for k, v in again.items() if k != "outputs"} == {
         k: v for k, v in settings.items() if k != "outputs"
     }
+
+
+def test_replay_on_another_install_finds_the_built_in_files(work: Path, capsys) -> None:
+    """Recorded paths of built-in files from another install (another site-packages) are this
+    install's files; a Hub cache path from another machine becomes its repo, revision and file."""
+    args = ("generate", "a red circle", *FAST, "--seed", "2", "--personal", "stripes")
+    assert_ok(run_cli(capsys, *args, "-o", "mine.gif"))
+    data = json.loads((work / "mine.gif.json").read_text())
+    elsewhere = "/elsewhere/lib/python3.11/site-packages/animatediff/builtin/data/"
+    data["models"]["personal"] = elsewhere + "personal/stripes.safetensors"
+    data["sha256"] = {elsewhere + "personal/stripes.safetensors": "0" * 64}
+    (work / "moved.json").write_text(json.dumps(data))
+    result = run_cli(capsys, "generate", "--from", work / "moved.json", "-o", "again.gif")
+    assert_ok(result)
+    assert torch.equal(frames(work / "again.gif"), frames(work / "mine.gif"))
+    assert "stripes.safetensors changed since the video was made" in result.err  # hash compared
+    cached = "/home/x/.cache/huggingface/hub/models--guoyww--animatediff/snapshots/ab12/mm.ckpt"
+    assert _portable(cached) == "guoyww/animatediff@ab12:mm.ckpt"
+    assert _portable("/nowhere/else.safetensors") == "/nowhere/else.safetensors"
 
 
 def test_settings_file_says_everything(work: Path, capsys) -> None:

@@ -13,12 +13,14 @@ import dataclasses
 import difflib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..builtin import PACKAGE_DATA
 from ..errors import ConfigError
 from ..options import OWNER, ModelOptions, OptionError, Options, as_list
 from ..provenance import SettingsReadError, read_settings
@@ -272,15 +274,39 @@ def run_from_settings(path: str | Path) -> Run:
         raise ConfigError(f"{path}: not a settings file written by animatediff generate")
     try:
         options = Options.from_json({g: data[g] for g in data if g in Options.__dataclass_fields__})
-        models = ModelOptions(**(data.get("models") or {}))
+        models = ModelOptions(**_portable(data.get("models") or {}))
     except (OptionError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     settings = {
         k: v for k, v in options.flat().items() if not isinstance(v, str) or not v.startswith("<")
     }
     recorded = data.get("sha256") if isinstance(data.get("sha256"), dict) else {}
+    recorded = {_portable(k): v for k, v in recorded.items()}
     negative = data.get("negative_prompt", "")
     return Run(path.stem, models, data["prompt"], negative, settings, recorded)
+
+
+_HUB_CACHE = re.compile(r".*/models--([^/]+)--([^/]+)/snapshots/([0-9a-f]+)(?:/(.+))?")
+
+
+def _portable(value: Any) -> Any:
+    """A recorded model path that does not exist here, as this install names the same file: a
+    built-in file under this package's data, a Hub download as `org/repo@revision:file` (found
+    in, or fetched into, this machine's cache). Lists and mappings element by element."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if not isinstance(value, str) or Path(value).exists():
+        return value
+    posix = value.replace("\\", "/")
+    if "/animatediff/builtin/data/" in posix:
+        return str(PACKAGE_DATA / posix.split("/animatediff/builtin/data/", 1)[1])
+    hub = _HUB_CACHE.fullmatch(posix)
+    if hub:
+        org, repo, revision, file = hub.groups()
+        return f"{org}/{repo}@{revision}" + (f":{file}" if file else "")
+    return value
 
 
 def _path(value: str | None, root: Path, key: str) -> str | None:
