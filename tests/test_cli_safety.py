@@ -31,6 +31,7 @@ from cli_helpers import (
 )
 from PIL import Image
 
+from animatediff import builtin
 from animatediff.builtin.model import builtin_model
 from animatediff.cli import main as cli_main
 from animatediff.cli import outputs, render
@@ -96,6 +97,15 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     existing = tmp / "taken.gif"
     existing.write_bytes(b"GIF89a someone else's")
     mm = str(REF / "mm_v1.ckpt")
+    data = Path(builtin.__file__).parent / "data"  # safetensors files of every kind
+    mm_st, personal = (
+        str(data / "motion_module.safetensors"),
+        str(data / "personal/stripes.safetensors"),
+    )
+    motion_lora = str(data / "motion_loras/zoom-in.safetensors")
+    text_png, text_mp4 = tmp / "text.png", tmp / "text.mp4"
+    text_png.write_text("not an image")
+    text_mp4.write_text("not a video")
     png = tmp / "red.png"
     Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
     return {
@@ -195,6 +205,27 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "image path type": (["--config", str(config(cfg / "l.yaml", init_image=5))], ("5",)),
         "alias of another kind": (["a cat", "--lora", "v2"], ("--lora", "alias of a motion")),
         "cuda graphs alone": (["a cat", "--cuda-graphs"], ("--cuda-graphs", "--compile full")),
+        "motion module as a LoRA": (["a cat", "--lora", mm_st], ("--lora", "a motion module")),
+        "text as an image": (
+            ["a cat", "--init-image", text_png],
+            ("--init-image", "not a readable image"),
+        ),
+        "text as a video": (
+            ["a cat", "--init-video", text_mp4],
+            ("--init-video", "not a readable video"),
+        ),
+        "LoRA as a motion module": (
+            ["a cat", "--motion-module", motion_lora],
+            ("--motion-module", "MotionLoRA, not a motion module"),
+        ),
+        "checkpoint as an IP-Adapter": (
+            ["a cat", "--ip-adapter", personal],
+            ("--ip-adapter", "single-file SD checkpoint, not an IP-Adapter"),
+        ),
+        "motion module as an embedding": (
+            ["a cat", "--embedding", mm_st],
+            ("--embedding", "motion module, not an embedding"),
+        ),
         "sequential ip-adapter": (
             ["a cat", "--offload", "sequential", "--ip-adapter", mm],
             ("sequential", "IP-Adapter"),

@@ -31,6 +31,7 @@ from animatediff.checkpoints.base import load_base
 from animatediff.checkpoints.detect import describe
 from animatediff.checkpoints.fewstep import lora_release, motion_release
 from animatediff.checkpoints.io import CheckpointError
+from animatediff.checkpoints.kinds import check_kind
 from animatediff.checkpoints.motion import (
     build_motion_module,
     read_motion_checkpoint,
@@ -135,6 +136,8 @@ def lightning_files(tmp_path_factory, v2_raw) -> dict[str, Path]:
     MotionAdapter(**TINY_ADAPTER).load_state_dict(safetensors.torch.load_file(diffusers_file))
     comfyui_file = folder / "animatediff_lightning_4step_comfyui.safetensors"
     safetensors.torch.save_file(v2_raw, comfyui_file)
+    for file in (diffusers_file, comfyui_file):  # the command line's header check takes both
+        check_kind(file, "motion_module")
     return {"diffusers": diffusers_file, "comfyui": comfyui_file}
 
 
@@ -254,6 +257,7 @@ def animatelcm_lora(ref_dir, tmp_path_factory) -> dict:
     lora = kohya_lcm_lora(image.unet)
     path = tmp_path_factory.mktemp("animatelcm") / "AnimateLCM_sd15_t2v_lora.safetensors"
     safetensors.torch.save_file(lora, path)
+    check_kind(path, "lora")
     apply_image_lora(image, path, LORA_STRENGTH, "kohya")
     with torch.no_grad():
         merged = image.unet(*LORA_INPUTS, text).sample

@@ -23,6 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from animatediff import MotionUNet
 from animatediff.checkpoints.io import CheckpointError, load_state_dict
+from animatediff.checkpoints.kinds import check_kind
 from animatediff.checkpoints.motion import load_motion_module
 from animatediff.control.ip_adapter import CLIPImageProcessor, load_ip_adapter
 from animatediff.motion.frames import fold_frames, per_frame_inputs, unfold_frames
@@ -511,6 +512,7 @@ def test_default_image_encoder_beside_the_adapter_else_the_released_one(
     shutil.copytree(encoder_dir, tmp_path / "models" / "image_encoder")
     beside = shutil.copy(adapters["plain", "safetensors"], tmp_path / "models")
     assert _image_encoder(Path(beside), None) == tmp_path / "models" / "image_encoder"
+    check_kind(beside, "ip_adapter")  # the command line's header check takes the release
     assert _image_encoder(Path(beside), encoder_dir) == encoder_dir
     alone = shutil.copy(adapters["plain", "safetensors"], tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

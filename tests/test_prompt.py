@@ -15,6 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from animatediff.builtin import WORDS, write_word_tokenizer
 from animatediff.checkpoints.embeddings import TextualInversions, read_embedding
 from animatediff.checkpoints.io import CheckpointError
+from animatediff.checkpoints.kinds import check_kind
 from animatediff.pipeline.prompt import (
     CHUNK_TOKENS,
     chunk_prompt,
@@ -201,6 +202,7 @@ def test_short_unweighted_prompts_encode_bitwise_as_the_plain_path(tok, te, tmp_
     # Loaded embeddings that the prompts do not name change nothing.
     embeddings = TextualInversions(32)
     embeddings.load(save_emb(tmp_path / "zzstyle.safetensors", 2))
+    check_kind(tmp_path / "zzstyle.safetensors", "embedding")
     assert torch.equal(encode_prompts(tok, te, prompts, embeddings=embeddings), expected)
 
 

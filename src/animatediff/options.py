@@ -29,6 +29,8 @@ OFFLOAD_MODES = ("none", "model", "sequential")  # pipeline/offload.py
 COMPILE_MODES = ("none", "regional", "full")  # pipeline/speed.py
 TILING = ("auto", "on", "off")  # vae.py
 OUTPUT_SUFFIXES = (".gif", ".mp4", ".webp")  # and a folder name (no suffix) for PNG frames
+# Inputs read as videos (anything else is an image, or a folder of frames).
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webp", ".mov", ".avi", ".mkv", ".webm")
 # Stated limits: beyond them a run cannot fit any machine this project targets.
 MAX_SIZE = 4096  # pixels per side
 MAX_FRAMES = 4096

@@ -9,7 +9,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..options import GROUPS, ModelOptions
+import av
+from PIL import Image
+
+from ..options import GROUPS, VIDEO_SUFFIXES, ModelOptions
 from .config import PATH_OPTIONS, Run
 from .estimate import DEFAULT_FRAMES
 from .flags import UsageError, flag_of
@@ -84,6 +87,25 @@ def check_inputs(run: Run) -> None:
                 raise UsageError(f"{flag}: expected a file path, got {value!r}")
             if not Path(value).exists():
                 raise UsageError(f"{flag} {value}: not found")
+            _check_media(flag, Path(value))
+
+
+def _check_media(flag: str, path: Path) -> None:
+    """An image file must decode as one, a video file must hold a video stream (folders of
+    frames are read later, frame by frame)."""
+    if not path.is_file():
+        return
+    try:
+        if path.suffix.lower() in VIDEO_SUFFIXES and path.suffix.lower() not in (".gif", ".webp"):
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise ValueError("no video stream")
+        else:
+            with Image.open(path) as image:
+                image.verify()
+    except Exception as e:  # noqa: BLE001 - whatever the decoder says: not usable
+        what = "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
+        raise UsageError(f"{flag} {path}: not a readable {what} ({type(e).__name__})") from None
 
 
 # Present wherever a CUDA (or ROCm, which torch also calls cuda) device can be used on Linux.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import builtin
 from ..checkpoints import hub
+from ..checkpoints.kinds import check_kind
 from ..checkpoints.sd_folder import check_base_folder
 from ..errors import UserError
 from ..options import GROUPS, ModelOptions, OptionError, path_strength
@@ -221,6 +222,7 @@ def _resolve(spec: str, kind: str, flag: str, offline: bool | None, official: bo
         path = hub.resolve(spec, kind, offline=offline)
         if kind == "base":
             check_base_folder(path)
+        check_kind(path, kind)  # a file given to the wrong flag, from its header alone
         return str(path)
     except UserError as e:
         raise UsageError(f"{flag}: {e}") from None

@@ -22,10 +22,10 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from ..options import VIDEO_SUFFIXES
 from ..video import read_video, video_info
 from .config import ConfigError, DataConfig
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif", ".webp")
 # Still images are one-frame clips (for the image stages: base fine-tuning, adapter, styles).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -9,11 +9,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from ..options import OptionError
+from ..options import VIDEO_SUFFIXES, OptionError
 from .read import read_frames_as_tensor, read_video, resize_center_crop
 from .write import Video
 
-VIDEO_SUFFIXES = (".mp4", ".gif", ".webp", ".mov", ".avi", ".mkv", ".webm")
 FramesLike = torch.Tensor | Image.Image | Sequence[Image.Image] | Video | str | os.PathLike
 
 
