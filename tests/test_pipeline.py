@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import safetensors.torch
 import torch
 
 from animatediff import AnimationPipeline
@@ -132,3 +133,20 @@ def test_seeded_ancestral_sampler_repeats(pipe):
     a = pipe(PROMPT, seed=4, scheduler="euler_a", **FAST).frames
     b = pipe(PROMPT, seed=4, scheduler="euler_a", **FAST).frames
     assert torch.equal(a, b)
+
+
+def test_prompt_travel_takes_weights_and_embeddings(tmp_path):
+    """A prompt map holding one weighted prompt with an embedding at every key is exactly that
+    prompt without travel; the embedding and the weights do change the video."""
+    width = AnimationPipeline.load().text_encoder.config.hidden_size
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(0)) * 3
+    safetensors.torch.save_file({"emb_params": vectors}, tmp_path / "circle.safetensors")
+    pipe = AnimationPipeline.load(embeddings=[tmp_path / "circle.safetensors"])
+    prompt = "a (red:1.4) circle on a [blue] background"
+    run = dict(FAST, seed=4)
+    still = pipe(prompt, **run).frames
+    assert torch.allclose(pipe({0: prompt, 4: prompt}, **run).frames, still, atol=1e-5)
+    plain = AnimationPipeline.load()
+    assert (plain(prompt, **run).frames - still).abs().max() > 1e-3  # the embedding counts
+    unweighted = pipe("a red circle on a blue background", **run).frames
+    assert (unweighted - still).abs().max() > 1e-3  # and so do the weights
