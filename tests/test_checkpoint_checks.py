@@ -127,6 +127,8 @@ def test_original_layout_still_detected(originals) -> None:
     ("change", "message"),
     [
         ({"num_attention_heads": 0}, "num_attention_heads 0"),
+        ({"norm_num_groups": 0}, "norm_num_groups 0"),
+        ({"norm_num_groups": 7}, "norm_num_groups 7"),
         ({"block_out_channels": [10**6, 10**6, 10**6, 10**6]}, "block_out_channels"),
         ({"max_frames": 10**9}, "max_frames"),
         ({"unknown": 1}, "unknown"),

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 import yaml
 from cli_helpers import (
@@ -103,6 +105,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         str(data / "personal/stripes.safetensors"),
     )
     motion_lora = str(data / "motion_loras/zoom-in.safetensors")
+    empty = tmp / "empty.ckpt"
+    empty.write_bytes(b"")
     text_png, text_mp4 = tmp / "text.png", tmp / "text.mp4"
     text_png.write_text("not an image")
     text_mp4.write_text("not a video")
@@ -205,6 +209,15 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "image path type": (["--config", str(config(cfg / "l.yaml", init_image=5))], ("5",)),
         "alias of another kind": (["a cat", "--lora", "v2"], ("--lora", "alias of a motion")),
         "cuda graphs alone": (["a cat", "--cuda-graphs"], ("--cuda-graphs", "--compile full")),
+        "huge strength": (["a cat", "--lora", f"{personal}:1e30"], ("--lora", "within")),
+        "encoder alone": (
+            ["a cat", "--image-encoder", str(tmp)],
+            ("--image-encoder", "--ip-adapter"),
+        ),
+        "empty file": (
+            ["a cat", "--motion-module", empty],
+            ("empty.ckpt", "not a valid checkpoint"),
+        ),
         "motion module as a LoRA": (["a cat", "--lora", mm_st], ("--lora", "a motion module")),
         "text as an image": (
             ["a cat", "--init-image", text_png],
@@ -566,6 +579,12 @@ def test_mistakes_known_after_loading_are_one_line(tmp_path: Path, capsys) -> No
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         torch.save(emb, tmp_path / folder / "style.pt")
+    nan_module = tmp_path / "nan.safetensors"
+    source = builtin_model().motion_module
+    tensors = safetensors.torch.load_file(source)
+    tensors = {k: v.fill_(float("nan")) if "proj_out" in k else v for k, v in tensors.items()}
+    with safetensors.safe_open(source, "pt") as f:
+        safetensors.torch.save_file(tensors, nan_module, metadata=f.metadata())
     cases = {
         "clip skip": (["--clip-skip", "12"], ("clip_skip", "12")),
         "same name": (
@@ -581,6 +600,7 @@ def test_mistakes_known_after_loading_are_one_line(tmp_path: Path, capsys) -> No
             ["--base", REF / "base", "--motion-module", builtin_model().motion_module],
             ("does not fit",),
         ),
+        "NaN weights": (["--motion-module", nan_module], ("not finite", "nothing was saved")),
     }
     for name, (args, needles) in cases.items():
         result = run_cli(capsys, "generate", "a cat", *FAST, "-o", tmp_path / "x.gif", *args)
@@ -592,12 +612,14 @@ def test_mistakes_known_after_loading_are_one_line(tmp_path: Path, capsys) -> No
 
 
 def test_a_bug_is_a_short_report_pointing_at_debug(monkeypatch, capsys) -> None:
-    """Anything but the project's own errors is a bug: a two-line report and exit 1; with
-    --debug the exception goes through (the interpreter prints its traceback)."""
+    """Anything but the project's own errors is a bug: a two-line report and exit 1; --debug
+    adds the traceback and keeps the exit code (2 for a mistake)."""
     monkeypatch.setitem(cli_main.HEAVY, "generate", ("cli_helpers", "crash"))
     result = run_cli(capsys, "generate", "a cat")
     assert result.code == 1, result
     assert "unexpected error: RuntimeError: boom" in result.err, result
     assert "--debug" in result.err and "Traceback" not in result.err, result
-    with pytest.raises(RuntimeError, match="boom"):  # --debug: the exception itself
-        run_cli(capsys, "generate", "a cat", "--debug")
+    result = run_cli(capsys, "generate", "a cat", "--debug")
+    assert result.code == 1 and "Traceback" in result.err and "boom" in result.err, result
+    result = run_cli(capsys, "generate", "a cat", "--frames", "0", "--debug")  # a mistake
+    assert result.code == 2, result

@@ -23,6 +23,11 @@ class UsageError(UserError):
     """A mistake in how a command was called."""
 
 
+class NonFiniteResult(UserError):
+    """A generation whose numbers overflowed or became NaN: a broken model file or an extreme
+    setting, never a video to save."""
+
+
 class CheckpointError(UserError):
     """A weight file is missing, unreadable, corrupt, unsafe, or not what it claims to be."""
 

@@ -35,6 +35,7 @@ VIDEO_SUFFIXES = (".mp4", ".gif", ".webp", ".mov", ".avi", ".mkv", ".webm")
 MAX_SIZE = 4096  # pixels per side
 MAX_FRAMES = 4096
 MAX_STEPS = 500  # DDIM with steps_offset=1 cannot take 1000 steps; more never help
+MAX_STRENGTH = 10.0  # LoRA / MotionLoRA / adapter strengths (A1111 allows negative ones)
 MAX_VIDEOS = 64
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
@@ -149,12 +150,18 @@ def path_strength(text: str, name: str = "value") -> tuple[str, float]:
 
 
 def _pair(name: str, value: Any) -> tuple[str, float]:
-    """`"PATH[:S]"`, `(path, s)` or `[path, s]` -> (path, s)."""
+    """`"PATH[:S]"`, `(path, s)` or `[path, s]` -> (path, s), |s| <= MAX_STRENGTH."""
     if isinstance(value, str) or hasattr(value, "__fspath__"):
-        return path_strength(str(value), name)
-    if isinstance(value, list | tuple) and len(value) == 2:
-        return str(value[0]), _number(name, value[1], float)
-    raise _bad(name, value, "expected PATH, PATH:STRENGTH or [PATH, STRENGTH]")
+        path, strength = path_strength(str(value), name)
+    elif isinstance(value, list | tuple) and len(value) == 2:
+        path, strength = str(value[0]), _number(name, value[1], float)
+    else:
+        raise _bad(name, value, "expected PATH, PATH:STRENGTH or [PATH, STRENGTH]")
+    if abs(strength) > MAX_STRENGTH:
+        raise _bad(
+            name, value, f"the strength must be within [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]"
+        )
+    return path, strength
 
 
 def _pairs(f: dataclasses.Field, value: Any):

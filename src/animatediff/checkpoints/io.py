@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import CheckpointError, first_keys
+from .kinds import sniff_format, unknown_format_reason
 
 __all__ = [
     "CheckpointError",
@@ -111,7 +112,7 @@ def load_state_dict(path: StrPath, device: str | torch.device = "cpu") -> dict[s
     ``{"state_dict": ...}`` and ``module.`` prefixes are removed (see :func:`unwrap_state_dict`).
     """
     file = _existing_file(path)
-    kind = _sniff(file)
+    kind = sniff_format(file)
     raw = _load_safetensors(file) if kind == "safetensors" else _load_pickle(file, kind)
     sd = unwrap_state_dict(raw, file)
     # Loaded on the CPU first so that a bad `device` surfaces as its own error, not as a
@@ -127,7 +128,7 @@ def load_object(path: StrPath, allowed: Iterable[type] = ()) -> object:
     as :func:`load_state_dict` and without flattening it. ``allowed`` names extra classes the safe
     unpickler may rebuild (data-only classes such as ``torch.nn.ParameterDict``)."""
     file = _existing_file(path)
-    kind = _sniff(file)
+    kind = sniff_format(file)
     if kind == "safetensors":
         return _load_safetensors(file)
     with torch.serialization.safe_globals(list(allowed)):
@@ -137,7 +138,7 @@ def load_object(path: StrPath, allowed: Iterable[type] = ()) -> object:
 def read_metadata(path: StrPath) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file; ``{}`` for pickles and files without any."""
     file = _existing_file(path)
-    if _sniff(file) != "safetensors":
+    if sniff_format(file) != "safetensors":
         return {}
     meta = _read_safetensors_header(file).get("__metadata__") or {}
     if not isinstance(meta, dict):
@@ -218,23 +219,6 @@ def _existing_file(path: StrPath) -> Path:
     return file
 
 
-def _sniff(file: Path) -> str:
-    """Classify by content: "safetensors", "zip" (torch.save), "pickle" (legacy) or "unknown"."""
-    try:
-        with file.open("rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise CheckpointError(file, f"cannot read file ({e.strerror or e})") from e
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
-        return "pickle"
-    # safetensors: 8-byte little-endian header length, then a JSON object.
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    return "unknown"
-
-
 def _read_safetensors_header(file: Path) -> dict[str, object]:
     """Parse and sanity-check a safetensors header so truncation gets a clear message."""
     size = file.stat().st_size
@@ -298,23 +282,16 @@ def _load_pickle(file: Path, kind: str) -> object:
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if kind == "unknown":
-            raise _invalid(file, _unknown_format_reason(file)) from None
+            raise _invalid(file, unknown_format_reason(file)) from None
         # `from None`: torch's own message advises weights_only=False, which is the unsafe path.
         raise _refused(file, str(e)) from None
     except MemoryError:
         raise
     except Exception as e:  # torch reports corruption through many unrelated exception types
         if kind == "unknown":
-            raise _invalid(file, _unknown_format_reason(file)) from e
+            raise _invalid(file, unknown_format_reason(file)) from e
         what = "PyTorch zip checkpoint" if kind == "zip" else "pickle"
         raise _invalid(file, f"truncated or corrupt {what}: {type(e).__name__}: {e}") from e
-
-
-def _unknown_format_reason(file: Path) -> str:
-    reason = "unrecognised content: not safetensors, a PyTorch zip archive or a pickle"
-    if file.suffix.lower() == ".safetensors":
-        reason = "no safetensors header; " + reason
-    return reason
 
 
 def _refused(file: Path, torch_message: str) -> CheckpointError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -67,6 +68,42 @@ def _starts(keys: frozenset[str], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
+def sniff_format(path: Path) -> str:
+    """Classify a file by content: "safetensors", "zip" (torch.save), "pickle" (legacy) or
+    "unknown"."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read file ({e.strerror or e})") from e
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        return "pickle"
+    # safetensors: 8-byte little-endian header length, then a JSON object.
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def unknown_format_reason(path: Path) -> str:
+    reason = "unrecognised content: not safetensors, a PyTorch zip archive or a pickle"
+    if path.suffix.lower() == ".safetensors":
+        reason = "no safetensors header; " + reason
+    return reason
+
+
+def check_format(path: Path) -> None:
+    """A weight file must look like one (its loader checks the rest, safely)."""
+    fmt = sniff_format(path)
+    if fmt == "unknown":
+        raise CheckpointError(path, f"not a valid checkpoint ({unknown_format_reason(path)})")
+    if fmt == "zip" and not zipfile.is_zipfile(path):
+        raise CheckpointError(path, "not a valid checkpoint (truncated or corrupt zip archive)")
+    if fmt == "safetensors" and safetensors_keys(path) is None:
+        raise CheckpointError(path, "not a valid checkpoint (truncated or corrupt safetensors)")
+
+
 def safetensors_keys(path: str | os.PathLike) -> frozenset[str] | None:
     """The tensor names in a safetensors file's header; None if it is not one."""
     try:
@@ -91,9 +128,11 @@ def strong_kind(path: str | os.PathLike) -> str | None:
 
 
 def check_kind(path: str | os.PathLike, kind: str) -> None:
-    """Raise CheckpointError when a file given as `kind` is certainly something else."""
+    """Raise CheckpointError when a file given as `kind` is not a weight file, or certainly
+    another kind of model."""
     if kind not in ACCEPTS or not Path(path).is_file():
         return
+    check_format(Path(path))
     found = strong_kind(path)
     if found is not None and found not in ACCEPTS[kind]:
         article = "an" if found[0] in "AEIOU" else "a"

@@ -33,12 +33,12 @@ from .fewstep import (
 )
 from .io import (
     CheckpointError,
-    _sniff,
     check_keys,
     load_state_dict,
     read_metadata,
     save_state_dict,
 )
+from .kinds import sniff_format
 from .lora import motion_path_from_diffusers, motion_path_to_diffusers
 
 CONFIG_METADATA_KEY = "animatediff.motion_config"
@@ -97,7 +97,7 @@ def _release(path, file, sd, metadata, layout, pe_length) -> Release | None:
         and pe_length is None
         and CONFIG_METADATA_KEY not in metadata
         and any(k.startswith("mid_block.") for k in sd)
-        and _sniff(file) != "safetensors"
+        and sniff_format(file) != "safetensors"
     )
     return motion_release(path, metadata, pe_less_pickle_v2=pe_less_pickle_v2)
 
@@ -199,6 +199,11 @@ def _check_shapes(file, sd, config: MotionModuleConfig) -> None:
     if not isinstance(heads, int) or heads < 1 or any(c % heads for c in stored):
         raise CheckpointError(
             file, f"num_attention_heads {heads!r} does not divide the channels {list(stored)}"
+        )
+    groups = config.norm_num_groups
+    if not isinstance(groups, int) or groups < 1 or any(c % groups for c in stored):
+        raise CheckpointError(
+            file, f"norm_num_groups {groups!r} does not divide the channels {list(stored)}"
         )
     if not isinstance(config.max_frames, int) or not 1 <= config.max_frames <= MAX_PE_LENGTH:
         raise CheckpointError(

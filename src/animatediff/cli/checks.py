@@ -87,6 +87,8 @@ def check_inputs(run: Run) -> None:
                 raise UsageError(f"{flag}: expected a file path, got {value!r}")
             if not Path(value).exists():
                 raise UsageError(f"{flag} {value}: not found")
+            if not (Path(value).is_file() or Path(value).is_dir()):
+                raise UsageError(f"{flag} {value}: not a regular file or folder")
             _check_media(flag, Path(value))
 
 
@@ -135,6 +137,7 @@ def check_combinations(run: Run) -> None:
         (c.control_images, m.sparsectrl, "--control-images", "--sparsectrl"),
         (c.controlnet_images, m.controlnets, "--controlnet-images", "--controlnet"),
         (c.ip_adapter_images, m.ip_adapter, "--ip-adapter-images", "--ip-adapter"),
+        (m.image_encoder, m.ip_adapter, "--image-encoder", "--ip-adapter"),
     )
     for value, needed, flag, other in needs:
         if value is not None and not needed:

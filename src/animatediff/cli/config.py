@@ -256,10 +256,13 @@ def version_from_inference_config(value: str | None, root: Path) -> str | None:
         if kwargs.get("motion_module_mid_block"):
             return "v2"
         return "v3" if kwargs.get("use_inflated_groupnorm") else "v1"
-    for version in ("v1", "v2", "v3"):
+    for version in ("v1", "v2", "v3"):  # the official names, where the file is not at hand
         if version in path.stem:
             return version
-    return None
+    raise ConfigError(
+        f"inference_config {value}: not found, and its name does not say v1, v2 or v3 "
+        "(it decides how the motion module runs)"
+    )
 
 
 def run_from_settings(path: str | Path) -> Run:

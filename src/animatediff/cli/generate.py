@@ -220,6 +220,8 @@ def _resolve(spec: str, kind: str, flag: str, offline: bool | None, official: bo
         if official and not Path(spec).exists() and Path(spec).name in hub.OFFICIAL_NAMES:
             return str(hub.resolve_official(spec, offline=offline))
         path = hub.resolve(spec, kind, offline=offline)
+        if not (path.is_file() or path.is_dir()):  # a FIFO or device would block the run
+            raise UsageError(f"{path}: not a regular file or folder")
         if kind == "base":
             check_base_folder(path)
         check_kind(path, kind)  # a file given to the wrong flag, from its header alone

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -236,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         print("animatediff: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except Exception as e:
-        if debug:
-            raise
+        if debug:  # the traceback, and still the exit code that says whose mistake it was
+            traceback.print_exc()
+            return EXIT_USAGE if _is_mistake(e) else EXIT_FAILURE
         if _is_mistake(e):
             print(f"animatediff: error: {printable(_message(e))}", file=sys.stderr)
             return EXIT_USAGE

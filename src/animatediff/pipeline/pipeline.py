@@ -36,6 +36,7 @@ from ..control import (
     total_residuals,
 )
 from ..control.ip_adapter import IPAdapter, IPAdapterEmbeds, load_ip_adapter
+from ..errors import NonFiniteResult
 from ..lora import LoRASet, merge_lora
 from ..lora import merged as lora_merged
 from ..motion.frames import WindowAccumulator, select_frames, window_text
@@ -435,6 +436,11 @@ class AnimationPipeline:
         self.offload.activate("unet")
         with self.generating(plan):
             latents = self.sample(plan)
+        if not torch.isfinite(latents).all():  # one check per generation, not per step
+            raise NonFiniteResult(
+                "the denoised latents are not finite (NaN or inf): a model file holds "
+                "non-finite weights, or a strength or scale is too large; nothing was saved"
+            )
         if output_type == "latents":
             return latents
         out = plan.options.output
