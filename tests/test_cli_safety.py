@@ -209,6 +209,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "image path type": (["--config", str(config(cfg / "l.yaml", init_image=5))], ("5",)),
         "alias of another kind": (["a cat", "--lora", "v2"], ("--lora", "alias of a motion")),
         "cuda graphs alone": (["a cat", "--cuda-graphs"], ("--cuda-graphs", "--compile full")),
+        "base without module": (
+            ["a cat", "--base", str(REF / "base")],
+            ("--base", "--motion-module"),
+        ),
         "huge strength": (["a cat", "--lora", f"{personal}:1e30"], ("--lora", "within")),
         "encoder alone": (
             ["a cat", "--image-encoder", str(tmp)],
@@ -623,3 +627,10 @@ def test_a_bug_is_a_short_report_pointing_at_debug(monkeypatch, capsys) -> None:
     assert result.code == 1 and "Traceback" in result.err and "boom" in result.err, result
     result = run_cli(capsys, "generate", "a cat", "--frames", "0", "--debug")  # a mistake
     assert result.code == 2, result
+
+
+def test_convert_refuses_an_output_it_cannot_write(tmp_path: Path, capsys) -> None:
+    """`convert ... out.avi` would have made a folder named out.avi: one line, nothing written."""
+    result = run_cli(capsys, "convert", REF / "mm_v2.ckpt", tmp_path / "out.avi")
+    assert_error(result, "out.avi", ".safetensors")
+    assert not (tmp_path / "out.avi").exists()

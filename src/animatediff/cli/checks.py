@@ -142,6 +142,7 @@ def check_combinations(run: Run) -> None:
     for value, needed, flag, other in needs:
         if value is not None and not needed:
             raise UsageError(f"{flag} needs {other}")
+
     init = options.init.init_image is not None or options.init.init_video is not None
     if options.noise.freeinit_iterations and init:
         raise UsageError(

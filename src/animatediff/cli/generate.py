@@ -212,6 +212,8 @@ def resolve_models(models: ModelOptions, offline: bool | None, official: bool) -
             values[name] = tuple(fetch(p, kind) for p in value)
         else:
             values[name] = fetch(value, kind)
+    if models.base is not None and models.motion_module is None:
+        raise UsageError("--base needs --motion-module (the built-in one is for the built-in base)")
     return dataclasses.replace(models, **values)
 
 

@@ -129,6 +129,15 @@ def prepare(args: argparse.Namespace):
             raise UsageError(f"{name}: file not found: {path}")
     if args.command == "convert":
         output = Path(args.output)
+        suffix = output.suffix.lower()
+        if (
+            suffix
+            and suffix not in (".safetensors", ".ckpt", ".pt", ".bin")
+            and args.to != "diffusers"
+        ):
+            raise UsageError(
+                f"{output}: write a .safetensors file, or a folder (no suffix, or --to diffusers)"
+            )
         if (output.exists() or output.is_symlink()) and not args.overwrite:
             raise UsageError(f"{output} already exists; pass --overwrite to replace it")
         check_writable(output.parent, "output")

@@ -25,6 +25,7 @@ from ..checkpoints.adapters import apply_image_lora, attention_lora_pairs
 from ..checkpoints.base import ImageModel, load_base, load_single_file, load_vae_file
 from ..checkpoints.embeddings import TextualInversions
 from ..checkpoints.hub import resolve
+from ..checkpoints.io import load_state_dict
 from ..checkpoints.motion import build_motion_module, read_motion_checkpoint
 from ..control import (
     SparseControlNet,
@@ -172,7 +173,10 @@ def _image_encoder(ip_file: Path, image_encoder: str | Path | None) -> Path:
     if image_encoder is not None:
         return resolve(image_encoder, "image_encoder")
     beside = ip_file.parent / "image_encoder"
-    return beside if beside.is_dir() else resolve("ip-adapter-image-encoder", "image_encoder")
+    if beside.is_dir():
+        return beside
+    load_state_dict(ip_file)  # a bad adapter file is said before anything is downloaded
+    return resolve("ip-adapter-image-encoder", "image_encoder")
 
 
 def _strength_pairs(items) -> list[tuple[str, float]]:
@@ -268,8 +272,8 @@ class AnimationPipeline:
         base, motion_module = resolve_builtin(base, motion_module)
         if motion_module is None:
             raise OptionError("a motion module is needed with a custom base (motion_module=...)")
+        motion, release = _motion_module(motion_module, motion_version)  # small: read first
         image = load_image_model(base, personal, vae, loras, lora_scaling, adapter)
-        motion, release = _motion_module(motion_module, motion_version)
         pipe = cls(image, MotionUNet(image.unet, motion), scheduler=scheduler)
         pipe.motion_release = release
         for path in embeddings:
