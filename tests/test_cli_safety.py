@@ -634,3 +634,26 @@ def test_convert_refuses_an_output_it_cannot_write(tmp_path: Path, capsys) -> No
     result = run_cli(capsys, "convert", REF / "mm_v2.ckpt", tmp_path / "out.avi")
     assert_error(result, "out.avi", ".safetensors")
     assert not (tmp_path / "out.avi").exists()
+
+
+def test_training_config_mistakes_before_torch(tmp_path: Path) -> None:
+    """A training config's mistakes and a non-empty output_dir are said before torch loads."""
+    (tmp_path / "bs0.yaml").write_text(
+        "stage: motion\noutput_dir: out\ndata: {videos: v}\ntrain: {batch_size: 0}\n"
+    )
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "full.yaml").write_text("stage: motion\noutput_dir: out\ndata: {videos: v}\n")
+    code = (
+        "import sys\n"
+        "from animatediff.cli.main import main\n"
+        "assert main(['train', 'bs0.yaml']) == 2\n"
+        "assert main(['train', 'full.yaml']) == 2\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "train.batch_size 0" in lines[0] and "not empty" in lines[1], lines

@@ -25,6 +25,8 @@ from huggingface_hub.utils import disable_progress_bars
 
 from .. import __version__
 from ..errors import UsageError, UserError
+from ..training.config import load_config
+from ..training.outputs import check_output_dir
 from ..world.evaluate_settings import add_arguments as evaluate_arguments
 from . import generate, ui
 from .flags import Parser, printable
@@ -132,7 +134,7 @@ def prepare(args: argparse.Namespace):
         suffix = output.suffix.lower()
         if (
             suffix
-            and suffix not in (".safetensors", ".ckpt", ".pt", ".bin")
+            and suffix not in (".safetensors", ".ckpt", ".pt", ".pth")
             and args.to != "diffusers"
         ):
             raise UsageError(
@@ -141,6 +143,10 @@ def prepare(args: argparse.Namespace):
         if (output.exists() or output.is_symlink()) and not args.overwrite:
             raise UsageError(f"{output} already exists; pass --overwrite to replace it")
         check_writable(output.parent, "output")
+    if args.command == "train":  # the whole config, and where it writes, before torch loads
+        config = load_config(args.config)
+        if not args.encode:
+            check_output_dir(Path(config.output_dir), args.resume, args.overwrite)
     return args
 
 

@@ -17,10 +17,18 @@ import shutil
 from pathlib import Path
 
 from ..errors import ConfigError
-from .stages import RESULT_NAMES
 
 # What the trainer itself writes (TensorBoard logs go to `train/`, Accelerate's run name).
 LOG_NAMES = ("config.json", "metrics.jsonl", "loss.png", "validation", "checkpoints", "train")
+# What a finished run writes beside its logs (the stages' results).
+RESULT_NAMES = (
+    "motion_module.safetensors",
+    "motion_module_diffusers",
+    "motion_lora.safetensors",
+    "domain_adapter.safetensors",
+    "distill_lora.safetensors",
+    "unet",
+)
 RUN_OUTPUTS = LOG_NAMES + RESULT_NAMES
 PREVIOUS = ".previous-run"
 

@@ -38,14 +38,6 @@ SPATIAL_ATTENTION = (
 )
 MOTION_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # Every file or folder a stage may write into output_dir (`save_results`).
-RESULT_NAMES = (
-    "motion_module.safetensors",
-    "motion_module_diffusers",
-    "motion_lora.safetensors",
-    "domain_adapter.safetensors",
-    "distill_lora.safetensors",
-    "unet",
-)
 
 
 def spatial_attention_targets(unet: nn.Module) -> list[str]:

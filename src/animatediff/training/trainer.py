@@ -31,7 +31,7 @@ from ..errors import CheckpointError, UserError
 from ..motion.frames import fold_frames, unfold_frames
 from ..pipeline.prompt import encode_prompts, token_ids
 from .checkpoint import Checkpoints, RunState
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_config, parse_config
 from .data import EncodedClips, VideoClips, check_clips, collate, collate_encoded, find_clips
 from .distill import ConsistencySolver, consistency_loss
 from .loss import diffusion_loss, make_noise_scheduler
@@ -496,3 +496,16 @@ class Trainer:
 
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def train(
+    config: Config | dict | str | Path, resume: bool = False, overwrite: bool = False
+) -> list[Path]:
+    """Run a training config (a `Config`, a dict as in the YAML, or a YAML path); returns the
+    files written (motion module, MotionLoRA, adapter or UNet). A non-empty output_dir needs
+    `resume` (continue from its latest checkpoint) or `overwrite` (replace that run)."""
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    elif isinstance(config, dict):
+        config = parse_config(config)
+    return Trainer(config, resume=resume, overwrite=overwrite).fit()
