@@ -81,6 +81,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     (pm / "key.yaml").write_text("abc: a cat\n")
     (pm / "range.yaml").write_text("100000000000: a cat\n")
     (pm / "same.yaml").write_text("15: a cat\n-1: a dog\n")
+    (pm / "empty.yaml").write_text('0: a cat\n4: ""\n')
     cfg = tmp / "configs"
     cfg.mkdir()
     (cfg / "folder.yaml").mkdir()
@@ -213,6 +214,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
             ["a cat", "--base", str(REF / "base")],
             ("--base", "--motion-module"),
         ),
+        "empty keyframe": (["--prompt-map", str(pm / "empty.yaml")], ("frame 4", "empty")),
         "huge strength": (["a cat", "--lora", f"{personal}:1e30"], ("--lora", "within")),
         "encoder alone": (
             ["a cat", "--image-encoder", str(tmp)],

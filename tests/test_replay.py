@@ -171,6 +171,7 @@ def test_config_batch_grid_copy_and_resume(work: Path, capsys) -> None:
     result = run_cli(capsys, "generate", "--config", config, *base, "-o", "out", "--skip-existing")
     assert_ok(result)
     assert result.saved() == [Path("out/001-a-dog.gif"), Path("out/sample.gif")]
+    assert "skipped out/000-a-cat.gif: it exists" in result.err, result
     assert (out / "000-a-cat.gif").stat().st_mtime_ns == kept
     assert torch.equal(frames(out / "001-a-dog.gif"), dog)  # same seed, same video
 

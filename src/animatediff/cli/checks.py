@@ -32,6 +32,13 @@ def check_texts(run: Run) -> None:
     for what, text in texts:
         for value in text.values() if isinstance(text, Mapping) else [text]:
             _check_utf8(what, value)
+    for key, value in (
+        run.prompt.items() if isinstance(run.prompt, Mapping) else [(None, run.prompt)]
+    ):
+        if not value.strip():  # (an empty negative prompt is the usual one)
+            raise UsageError(
+                "the prompt is empty" if key is None else f"the prompt of frame {key} is empty"
+            )
     frames = options.sampling.num_frames
     if frames is None and options.init.init_video is None:
         frames = DEFAULT_FRAMES

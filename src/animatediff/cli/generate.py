@@ -266,10 +266,12 @@ def prepare(args: argparse.Namespace) -> Job:
         job.make = slots_free(slots, args, job.reservations)
         if config:
             extras_free(job.folder, args)
-        for run, make in zip(runs, job.make):
+        for run, make, run_slots in zip(runs, job.make, slots):
             if make:
                 where = f"{config}: entry {run.name}" if config else ""
                 estimate.check(run.options(), run.models.base, where)
+            else:
+                log.warning("skipped %s: it exists (--skip-existing)", run_slots[0].path)
         offline = True if args.offline else None  # None: HF_HUB_OFFLINE decides
         resolved: dict[ModelOptions, ModelOptions] = {}
         for i, r in enumerate(runs):
