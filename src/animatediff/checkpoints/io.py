@@ -16,6 +16,7 @@ import re
 import stat
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -278,7 +279,9 @@ def _load_pickle(file: Path, kind: str) -> object:
         raise _invalid(file, "truncated or corrupt zip archive")
     try:
         # A file object, not a path: torch.load routes "*.safetensors" paths by suffix.
-        with file.open("rb") as f:
+        with file.open("rb") as f, warnings.catch_warnings():
+            # torch notes a protocol-4 pickle before refusing it: the refusal says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if kind == "unknown":
