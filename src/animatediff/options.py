@@ -576,8 +576,10 @@ class Options:
         """The inverse of :meth:`to_json` (unknown groups or names are errors)."""
         flat: dict[str, Any] = {}
         for group, values in data.items():
-            if group not in GROUPS or not isinstance(values, Mapping):
+            if group not in GROUPS:
                 raise OptionError(f"unknown option group {group!r}")
+            if not isinstance(values, Mapping):
+                raise OptionError(f"option group {group!r}: expected a mapping of options")
             flat.update(values)
         return cls.build({k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()})
 

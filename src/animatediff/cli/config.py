@@ -277,7 +277,10 @@ def run_from_settings(path: str | Path) -> Run:
         raise ConfigError(f"{path}: not a settings file written by animatediff generate")
     try:
         options = Options.from_json({g: data[g] for g in data if g in Options.__dataclass_fields__})
-        models = ModelOptions(**_portable(data.get("models") or {}))
+        models = data.get("models") or {}
+        if not isinstance(models, dict):
+            raise OptionError("models: expected a mapping of model options")
+        models = ModelOptions(**_portable(models))
     except (OptionError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     settings = {
