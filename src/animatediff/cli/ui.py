@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
+import math
 from pathlib import Path
 
 from ..errors import UsageError
+from ..options import DEVICE
+from .checks import check_device
+
+log = logging.getLogger("animatediff")
 
 INSTALL = 'the web UI needs Gradio: pip install "animatediff[ui]"'
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -15,7 +21,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
     p.add_argument(
         "--models",
@@ -43,8 +49,11 @@ def prepare(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(INSTALL)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a port number")
-    if args.max_upload_mb <= 0:
-        raise UsageError("--max-upload-mb must be positive")
+    if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
+        raise UsageError("--max-upload-mb must be a positive number")
+    if not DEVICE.fullmatch(args.device):
+        raise UsageError(f"--device {args.device!r}: not a device (auto, cpu, cuda, cuda:N, mps)")
+    check_device(args.device)
     for folder in args.models:
         if not Path(folder).is_dir():
             raise UsageError(f"--models {folder}: not a folder")
@@ -54,5 +63,5 @@ def prepare(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError("--auth: use USER:PASSWORD")
         args.auth = (user, password)
     if args.host not in LOCAL_HOSTS and args.auth is None:
-        print(f"warning: listening on {args.host} without --auth: anyone reaching it can use it")
+        log.warning("listening on %s without --auth: anyone reaching it can use it", args.host)
     return args
