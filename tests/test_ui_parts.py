@@ -491,3 +491,18 @@ def test_builtin_few_step_students_are_offered(library):
         pytest.skip("no built-in few-step module in this tree")
     offered = keys(library, "motion_module")
     assert {f"builtin:{name}" for name in students} <= offered, offered
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device", "bogus"], "--device"),
+        (["--max-upload-mb", "nan"], "--max-upload-mb"),
+        (["--port", "0"], "--port"),
+        (["--auth", "nopassword"], "--auth"),
+    ],
+)
+def test_ui_arguments_are_checked_before_starting(args, needle, capsys):
+    assert main(["ui", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
