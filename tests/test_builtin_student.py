@@ -101,3 +101,22 @@ def test_generate_by_name_samples_with_lcm_at_4_steps(tmp_path: Path):
     assert Path(settings["models"]["motion_module"]) == path
     adapter = settings["models"]["adapter"]
     assert (adapter is None) if lora is None else (Path(adapter[0]) == lora), settings["models"]
+
+
+def test_a_prompt_config_takes_the_preset_and_a_flag_still_wins(tmp_path: Path):
+    """`preset: auto` in a config entry samples as the flag does; `--steps` beats the preset."""
+    path = builtin.motion_module(NAME)[0]
+    (tmp_path / "fast.yaml").write_text(
+        f"Fast:\n  motion_module: [{path}]\n  preset: auto\n  prompt: [a red circle]\n"
+        "  seed: [0]\n  L: 4\n"
+    )
+    for extra, steps in (((), 4), (("--steps", "2"), 2)):
+        out = f"out{steps}"
+        assert_ok(cli(tmp_path, "generate", "--config", "fast.yaml", *extra, "-o", out))
+        (settings,) = (tmp_path / out).glob("000-*.gif.json")
+        s = json.loads(settings.read_text())["sampling"]
+        assert (s["scheduler"], s["num_inference_steps"], s["guidance_scale"]) == (
+            "lcm",
+            steps,
+            2.0,
+        )
