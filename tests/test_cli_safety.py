@@ -35,6 +35,7 @@ from PIL import Image
 
 from animatediff import builtin
 from animatediff.builtin.model import builtin_model
+from animatediff.checkpoints.io import CheckpointError
 from animatediff.cli import main as cli_main
 from animatediff.cli import outputs, render
 from animatediff.cli import save as saving
@@ -334,7 +335,19 @@ def test_malicious_pickle_refused(flag: str, writer, tmp_path: Path, capsys) -> 
     assert not out.exists() and not list(tmp_path.glob("*.json"))
 
 
-@pytest.mark.parametrize("flag", ["--base", "--controlnet", "--image-encoder"])
+def test_malicious_pickle_in_an_image_encoder_folder_refused(tmp_path: Path) -> None:
+    """(`--image-encoder` needs `--ip-adapter`: the check the command runs on the folder.)"""
+    marker, folder = tmp_path / "pwned", tmp_path / "image_encoder"
+    write_evil(folder / "pytorch_model.bin", marker)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        render.load(
+            ModelOptions(ip_adapter=str(REF / "mm_v1.ckpt"), image_encoder=str(folder)), "cpu"
+        )
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("flag", ["--base", "--controlnet"])
 def test_malicious_pickle_in_a_folder_refused(flag: str, tmp_path: Path, capsys) -> None:
     marker = tmp_path / "pwned"
     if flag == "--base":

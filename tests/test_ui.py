@@ -233,7 +233,7 @@ def test_motion_lora_and_personal_style_round_trip_through_the_cli(page, tmp_pat
     assert torch.equal(read_video(tmp_path / "cli.gif"), shown)
     config = download(page, "save-config", tmp_path / "animation.yaml")
     assert main(["generate", "--config", str(config), "-o", str(tmp_path / "cfg")]) == 0
-    (from_config,) = (tmp_path / "cfg").glob("*.gif")
+    (from_config,) = (tmp_path / "cfg").glob("000-*.gif")  # beside it: the grid, sample.gif
     assert torch.equal(read_video(from_config), shown)
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModelWithProjection
 
+from ..checkpoints.base import check_pickled_weights
 from ..checkpoints.io import CheckpointError, check_keys, first_keys, load_state_dict
 from ..motion.unet import MotionUNet
 
@@ -87,6 +88,7 @@ def load_image_encoder(
             "not an image encoder folder (no config.json); expected a transformers "
             "CLIPVisionModelWithProjection folder such as h94/IP-Adapter models/image_encoder",
         )
+    check_pickled_weights(folder)  # a .bin that would run code: refused before transformers
     try:
         model = CLIPVisionModelWithProjection.from_pretrained(folder)
     except (OSError, ValueError) as e:
