@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "official_tiny"
 RESULT_MARKER = "BENCH_RESULT "
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_SIZE = {"tiny": 128, "sd15-random": 512}
+DEFAULT_SIZE = {"tiny": 128, "sd15-random": 512, "builtin": 64}
 
 
 # -- arguments -------------------------------------------------------------------------------
@@ -50,11 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",
-        choices=["tiny", "sd15-random"],
+        choices=["tiny", "sd15-random", "builtin"],
         default="tiny",
         help="tiny: tests/data/official_tiny (base + mm_v2.ckpt, 128x128); "
         "sd15-random: SD1.5-shaped UNet/VAE/CLIP and a v2 motion module with "
-        "random weights (ignored with --base)",
+        "random weights; builtin: the package's own trained model (64x64) (ignored with --base)",
     )
     p.add_argument("--base", help="a diffusers SD1.5 folder (real weights); needs --motion-module")
     p.add_argument("--motion-module", help="a motion-module file for --base (any layout)")
@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workdir", help="where to put temporary weights and videos (default: system tmp)"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument(
+        "--compile", choices=["none", "regional", "full"], default="none", help="ours: compile"
+    )
+    p.add_argument("--fuse-qkv", action="store_true", help="ours: fused q/k/v projections")
+    p.add_argument("--channels-last", action="store_true", help="ours: channels-last UNet")
     p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -89,9 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.steps < 1 or args.frames < 1:
         p.error("--repeats, --steps and --frames must be positive")
     if args.size is None:
-        args.size = DEFAULT_SIZE[
-            "tiny" if args.base is None and args.model == "tiny" else "sd15-random"
-        ]
+        args.size = DEFAULT_SIZE["sd15-random" if args.base is not None else args.model]
     if args.size % 8:
         p.error("--size must be a multiple of 8")
     return args
@@ -101,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace, work: Path) -> dict:
     """Paths of the weights both pipelines load: base folder, our motion-module file, the same
     module as a diffusers `MotionAdapter` folder; and the shared initial latents."""
+    from animatediff.builtin.model import builtin_model
     from animatediff.checkpoints.motion import load_motion_module, save_motion_module
 
     t0 = time.perf_counter()
@@ -109,6 +113,10 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
         motion = load_motion_module(motion_file, version=args.motion_version)
     elif args.model == "tiny":
         base, motion_file = TINY / "base", TINY / "mm_v2.ckpt"
+        motion = load_motion_module(motion_file, version=args.motion_version)
+    elif args.model == "builtin":
+        model = builtin_model()
+        base, motion_file = Path(model.base), Path(model.motion_module)
         motion = load_motion_module(motion_file, version=args.motion_version)
     else:
         base, motion_file, motion = build_sd15_random(work)
@@ -135,13 +143,17 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
         out=str(work),
         latent_shape=list(shape),
         prepare_s=time.perf_counter() - t0,
+        compile=args.compile,
+        fuse_qkv=args.fuse_qkv,
+        channels_last=args.channels_last,
     )
 
 
 def build_sd15_random(work: Path):
-    """SD1.5's real architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, saved
-    as a diffusers folder, and a random v2 motion module saved in our layout."""
+    """SD1.5's real architecture (`sd15`'s UNet, VAE, CLIP ViT-L text encoder) with random
+    weights, saved as a diffusers folder, and a random v2 motion module saved in our layout."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from sd15 import TEXT, UNET, VAE
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from animatediff.checkpoints.motion import save_motion_module
@@ -151,42 +163,15 @@ def build_sd15_random(work: Path):
     base = work / "sd15_random"
     shutil.copytree(TINY / "base" / "tokenizer", base / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**UNET)
     unet.save_pretrained(base / "unet")
     del unet
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
+    vae = AutoencoderKL(**VAE)
     vae.save_pretrained(base / "vae")
     del vae
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,  # SD1.5's; the tiny tokenizer's 1,514 ids are a subset
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
+        CLIPTextConfig(  # SD1.5's 49,408 ids; the tiny tokenizer's 1,514 are a subset
+            **TEXT,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -225,6 +210,9 @@ def load_ours(spec: dict, device: str, dtype: torch.dtype):
         motion_version=spec["motion_version_override"],
         device=device,
         dtype=dtype,
+        compile=spec["compile"],
+        fuse_qkv=spec["fuse_qkv"],
+        channels_last=spec["channels_last"],
     )
     return pipe, pipe.unet
 
@@ -288,8 +276,19 @@ def run_one(which: str, spec: dict, args: argparse.Namespace) -> dict:
         sync()
         marks.append(time.perf_counter())
 
-    unet.register_forward_pre_hook(pre_hook)
-    unet.register_forward_hook(post_hook)
+    if which == "ours":  # around the (possibly compiled) UNet: a hook would be traced into it
+        call_unet = pipe.call_unet
+
+        def timed_call(*a, **kw):
+            pre_hook(None, None)
+            out = call_unet(*a, **kw)
+            post_hook(None, None, None)
+            return out
+
+        pipe.call_unet = timed_call
+    else:
+        unet.register_forward_pre_hook(pre_hook)
+        unet.register_forward_hook(post_hook)
 
     common = dict(
         negative_prompt=args.negative_prompt,
@@ -514,8 +513,8 @@ def report(args, spec, ours: dict, theirs: dict, cuda: bool) -> None:
         )
     if args.dtype == "fp16":
         print(
-            "note: in fp16 ours keeps the VAE in fp32 (SD1.5's VAE overflows in fp16); "
-            "diffusers' pipeline is all fp16"
+            "note: in fp16 ours decodes in fp16 and decodes a chunk that overflows again in "
+            "fp32; diffusers' pipeline is all fp16"
         )
     print(f"load average at end: {load_average()}")
 

@@ -118,14 +118,17 @@ def write_clips(folder: Path, count: int, frames: int, size: int) -> Path:
 
 
 def build_sd15_random(folder: Path) -> Path:
-    """SD1.5's architecture with random weights as a diffusers folder (built once)."""
+    """SD1.5's architecture with random weights as a diffusers folder (built once): `sd15`'s
+    UNet, VAE and text encoder shapes, with the built-in model's word tokenizer."""
     if (folder / "model_index.json").exists():
         return folder
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from sd15 import TEXT, UNET, VAE
+    from transformers import CLIPTokenizer
 
     from animatediff.builtin import write_word_tokenizer
-    from animatediff.pipeline.schedulers import ANIMATEDIFF_SCHEDULE
+    from animatediff.builtin.model import random_text_encoder
+    from animatediff.checkpoints.base import ImageModel, save_base_folder
 
     print(f"building a random SD1.5-size model in {folder} (once)...", flush=True)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -133,41 +136,10 @@ def build_sd15_random(folder: Path) -> Path:
     torch.manual_seed(0)
     write_word_tokenizer(tmp / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
-    UNet2DConditionModel(
-        sample_size=64,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ).save_pretrained(tmp / "unet")
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    ).save_pretrained(tmp / "vae")
-    CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=1,
-        )
-    ).save_pretrained(tmp / "text_encoder")
-    DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    unet = UNet2DConditionModel(**UNET)
+    vae = AutoencoderKL(**VAE)
+    text = random_text_encoder(tokenizer, **{k: v for k, v in TEXT.items() if k != "vocab_size"})
+    save_base_folder(tmp, ImageModel(tokenizer, text, vae, unet, source="sd15-random"))
     os.replace(tmp, folder)
     return folder
 

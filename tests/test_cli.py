@@ -1,12 +1,10 @@
-"""End-to-end tests of the `animatediff` command line: the real CLI in subprocesses, no mocks.
+"""End-to-end tests of the `animatediff` command line, no mocks.
 
-Every CLI process pays several seconds of imports (torch, diffusers, transformers), so the file
-would take minutes if its two dozen invocations ran one after another. Instead each invocation (or
-chain of dependent invocations) is a *job*: the first test to need one starts every job the
-selected tests need on a small thread pool (one single-threaded process per core), and each test
-waits for its own job and checks the results. `pytest -k` still only runs what it selects.
-
-The built-in model is built once per session into a temporary `ANIMATEDIFF_CACHE`.
+The CLI runs in-process through `main(argv)` (exit code returned, stdout and stderr captured,
+the working folder switched to a temporary one), so the imports of torch and diffusers are paid
+once per session rather than once per command. A few tests at the end start real processes: the
+installed `animatediff` entry point and `python -m animatediff.cli.main`, whose exit codes and
+tracebacks only a process shows.
 """
 
 from __future__ import annotations
@@ -17,170 +15,135 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import pytest
 import safetensors.torch
 import torch
+from clirun import Run, assert_ok, assert_usage_error, cli, cli_environment
+
+from animatediff import builtin
+from animatediff.video import read_video, video_info
 
 REF = Path(__file__).parent / "data" / "official_tiny"
 PROMPT = "a red circle moving on a blue background"
 FAST = ("--steps", "2", "--frames", "8")
 # The reference base at 128x128 (16x16 latents): a custom base needs an explicit motion module.
 TINY_BASE = ("--base", str(REF / "base"), "--width", "128", "--height", "128")
-CLI_TIMEOUT = 600  # seconds per process; generous, as other test runs may share the CPU
 NEGATIVE = "worst quality, low quality"
+PROCESS_TIMEOUT = 600  # seconds; generous, as other test runs may share the CPU
 
 
-# -- running the CLI -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Run:
-    """One finished `animatediff` process."""
-
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-    cwd: Path
-
-    def __str__(self) -> str:  # what an assertion failure shows
-        return (
-            f"animatediff {' '.join(self.args)}  (in {self.cwd}, exit {self.returncode})\n"
-            f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
-        )
-
-    def saved(self) -> list[str]:
-        return [
-            line[len("saved ") :] for line in self.stdout.splitlines() if line.startswith("saved ")
-        ]
+def settings_of(path: Path) -> dict:
+    return json.loads(path.with_name(path.name + ".json").read_text())
 
 
-def cli(cwd: Path, env: dict[str, str], *args: object) -> Run:
-    argv = tuple(str(a) for a in args)
-    proc = subprocess.run(
-        [sys.executable, "-m", "animatediff.cli.main", *argv],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-    )
-    return Run(argv, proc.returncode, proc.stdout, proc.stderr, cwd)
+@pytest.fixture(scope="module", autouse=True)
+def environment(tmp_path_factory: pytest.TempPathFactory):
+    with cli_environment(tmp_path_factory.mktemp("animatediff-cache")):
+        yield
 
 
-def assert_ok(run: Run) -> None:
-    assert run.returncode == 0, run
-    assert "Traceback" not in run.stderr, run
-
-
-def assert_usage_error(run: Run, *needles: str) -> str:
-    """Exit 2, exactly one `animatediff: error: ...` line on stderr, no traceback."""
-    assert run.returncode == 2, run
-    assert "Traceback" not in run.stderr, run
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1, run
-    assert lines[0].startswith("animatediff: error: "), run
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in the message\n{run}"
-    assert not run.stdout.strip(), run
-    return lines[0]
-
-
-# -- jobs: CLI invocations started together, checked by the tests --------------------------------
-JOBS: dict[str, Callable[[Path, dict[str, str]], object]] = {}
-
-
-def job(fn: Callable[[Path, dict[str, str]], object]) -> Callable:
-    """Register `fn(cwd, env)`; jobs start in definition order, so longest chains come first."""
-    JOBS[fn.__name__] = fn
-    return fn
-
-
-def needs(*names: str) -> Callable:
-    """Mark a test with the jobs it reads, so the session starts exactly those."""
-
-    def mark(test: Callable) -> Callable:
-        test.cli_jobs = names
-        return test
-
-    return mark
-
-
-class Jobs:
-    def __init__(self, factory: pytest.TempPathFactory, env: dict[str, str], workers: int):
-        self.factory, self.env = factory, env
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cli-job")
-        self.futures: dict[str, Future] = {}
-
-    def start(self, name: str) -> None:
-        if name not in self.futures:
-            cwd = self.factory.mktemp(name)
-            self.futures[name] = self.pool.submit(JOBS[name], cwd, self.env)
-
-    def __getitem__(self, name: str):
-        self.start(name)
-        return self.futures[name].result()
-
-
-@pytest.fixture(scope="session")
-def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return {
-        **os.environ,
-        "ANIMATEDIFF_CACHE": str(tmp_path_factory.mktemp("animatediff-cache")),
-        # One thread per process: the processes run side by side, and oversubscribed OpenMP
-        # threads on a busy machine make the first denoising step ten times slower.
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-
-
-@pytest.fixture(scope="session")
-def jobs(request: pytest.FixtureRequest, tmp_path_factory, cli_env):
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    runner = Jobs(tmp_path_factory, cli_env, workers=min(8, (cpus or 2) + 1))
-    wanted = {
-        n
-        for item in request.session.items
-        for n in getattr(getattr(item, "function", None), "cli_jobs", ())
-    }
-    for name in JOBS:
-        if name in wanted:
-            runner.start(name)
-    yield runner
-    runner.pool.shutdown(wait=True, cancel_futures=True)
-
-
-# The job definitions, longest chains first.
-@job
-def builtin_gif(cwd: Path, env: dict[str, str]) -> dict:
+# -- generate with the built-in model ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def builtin_gif(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Built-in model: generate, the same command again (refused), then with --overwrite."""
+    cwd = tmp_path_factory.mktemp("builtin_gif")
     args = ("generate", PROMPT, *FAST, "-o", "out.gif", "--seed", "3")
-    result: dict = {"first": cli(cwd, env, *args)}
+    result: dict = {"first": cli(cwd, *args)}
     if result["first"].returncode != 0:
         return result
     first = cwd / "first"
     first.mkdir()
     for name in ("out.gif", "out.gif.json"):
         shutil.copyfile(cwd / name, first / name)
-    result["again"] = cli(cwd, env, *args)
+    result["again"] = cli(cwd, *args)
     result["untouched"] = (cwd / "out.gif").read_bytes() == (first / "out.gif").read_bytes()
-    result["overwrite"] = cli(cwd, env, *args, "--overwrite")
+    result["overwrite"] = cli(cwd, *args, "--overwrite")
     return result
 
 
-@job
-def convert_motion(cwd: Path, env: dict[str, str]) -> dict:
-    """Original .ckpt -> diffusers folder -> original .safetensors (and .ckpt)."""
-    result = {"to_diffusers": cli(cwd, env, "convert", REF / "mm_v2.ckpt", "out_diffusers")}
-    if result["to_diffusers"].returncode == 0:
-        result["back"] = cli(cwd, env, "convert", "out_diffusers", "back.safetensors")
-        result["back_ckpt"] = cli(cwd, env, "convert", "out_diffusers", "back.ckpt")
-    return result
+def test_generate_builtin_gif(builtin_gif) -> None:
+    run = builtin_gif["first"]
+    assert_ok(run)
+    assert "saved out.gif" in run.stdout.splitlines(), run
+    first = run.cwd / "first"
+    info = video_info(first / "out.gif")
+    assert (info.num_frames, info.width, info.height) == (8, 64, 64)
+    assert info.fps == pytest.approx(8, rel=0.05)  # GIF stores 1/100 s: 125 ms -> 120 ms
+    frames = read_video(first / "out.gif")
+    assert frames.shape == (3, 8, 64, 64)
+    assert frames.std() > 0.01  # not a blank picture
+    assert (frames[:, 0] - frames[:, -1]).abs().max() > 0.1  # it moves (more: test_default_output)
+    settings = settings_of(first / "out.gif")
+    assert settings["sampling"]["seed"] == 3 and settings["seeds"] == [3]
+    assert settings["prompt"] == PROMPT
+    sampling = settings["sampling"]
+    assert (sampling["num_frames"], sampling["num_inference_steps"]) == (8, 2)
+    assert (sampling["width"], sampling["height"]) == (64, 64)  # the model's native size
+    assert settings["outputs"] == ["out.gif"]
+
+
+def test_existing_output_needs_overwrite(builtin_gif) -> None:
+    assert_ok(builtin_gif["first"])
+    message = assert_usage_error(builtin_gif["again"], "out.gif", "--overwrite")
+    assert "already exists" in message
+    assert builtin_gif["untouched"], "the refused run changed out.gif"
+    assert_ok(builtin_gif["overwrite"])
+    assert "saved out.gif" in builtin_gif["overwrite"].stdout.splitlines(), builtin_gif["overwrite"]
+
+
+def test_same_seed_same_frames(builtin_gif) -> None:
+    run = builtin_gif["overwrite"]
+    assert_ok(run)
+    assert torch.equal(read_video(run.cwd / "first" / "out.gif"), read_video(run.cwd / "out.gif"))
+    assert settings_of(run.cwd / "out.gif")["sampling"]["seed"] == 3
+
+
+def test_builtin_styles_and_motion_loras_by_name(tmp_path) -> None:
+    """`animatediff models` lists the shipped extras, and generate takes them by name."""
+    if not builtin.manifest()["personal"]:
+        pytest.skip("the built-in models are not installed in this tree")
+    listing = cli(tmp_path, "models")
+    assert_ok(listing)
+    names = builtin.manifest()
+    for name in [*names["personal"], *names["motion_loras"]]:
+        assert name in listing.stdout, listing
+    for line in ("--motion-module v3 ", "--motion-lora v2-zoom-in ", "--base sd15 "):
+        assert line in listing.stdout, listing  # the Hub names, with the flag that takes them
+    run = cli(
+        tmp_path, "generate", "a red circle on a blue background",
+        "--personal", "stripes", "--motion-lora", "zoom-in:0.8", "--frames", "4", "--steps", "2",
+        "--seed", "0", "-o", "styled.gif",
+    )  # fmt: skip
+    assert_ok(run)
+    settings = settings_of(tmp_path / "styled.gif")
+    assert settings["models"]["personal"].endswith("stripes.safetensors")
+    assert settings["motion_loras"] == {"zoom-in": 0.8}
+    assert_usage_error(cli(tmp_path, "generate", "a cat", "--personal", "nope"), "nope")
+
+
+# -- generate with the reference models ----------------------------------------------------------
+def test_generate_mp4_with_motion_lora(tmp_path) -> None:
+    run = cli(
+        tmp_path, "generate", "a boy playing guitar", *FAST, *TINY_BASE,
+        "--motion-module", REF / "mm_v2.ckpt",
+        "--motion-lora", f"{REF / 'motion_lora_v2.ckpt'}:0.7",
+        "--seed", "5", "-o", "out.mp4",
+    )  # fmt: skip
+    assert_ok(run)
+    assert run.saved() == ["out.mp4"], run
+    out = tmp_path / "out.mp4"
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+    info = video_info(out)
+    assert (info.num_frames, info.width, info.height) == (8, 128, 128)
+    assert read_video(out).shape == (3, 8, 128, 128)
+    settings = settings_of(out)
+    assert settings["sampling"]["seed"] == 5
+    assert settings["motion_loras"] == {"motion_lora_v2": 0.7}
+    assert Path(settings["models"]["motion_module"]).name == "mm_v2.ckpt"
 
 
 V2_CONFIG = f"""\
@@ -228,79 +191,62 @@ V3_CONFIG = f"""\
 """
 
 
-@job
-def config_v2(cwd: Path, env: dict[str, str]) -> Run:
+def _config_outputs(run: Run, count: int) -> list[tuple[Path, dict]]:
+    assert_ok(run)
+    videos = sorted(v for v in (run.cwd / "out").glob("*.gif") if v.name != "sample.gif")
+    assert len(videos) == count, run
+    assert (run.cwd / "out" / "sample.gif").is_file()  # the grid, as the official script writes
+    assert (run.cwd / "out" / "config.yaml").is_file()  # and a copy of the config
+    saved = sorted(p for p in run.saved() if Path(p).name != "sample.gif")
+    assert saved == [str(Path("out") / v.name) for v in videos], run
+    return [(v, settings_of(v)) for v in videos]
+
+
+def test_config_v2_mapping_form(tmp_path) -> None:
     for sub, name in (
         ("Motion_Module", "mm_v2.ckpt"),
         ("MotionLoRA", "motion_lora_v2.ckpt"),
         ("DreamBooth_LoRA", "personal_ldm.safetensors"),
     ):
-        (cwd / "models" / sub).mkdir(parents=True)
-        shutil.copyfile(REF / name, cwd / "models" / sub / name)
-    (cwd / "tiny-v2.yaml").write_text(V2_CONFIG)
-    return cli(
-        cwd, env, "generate", "--config", "tiny-v2.yaml", "--base", REF / "base", "-o", "out"
-    )
+        (tmp_path / "models" / sub).mkdir(parents=True)
+        shutil.copyfile(REF / name, tmp_path / "models" / sub / name)
+    (tmp_path / "tiny-v2.yaml").write_text(V2_CONFIG)
+    run = cli(tmp_path, "generate", "--config", "tiny-v2.yaml", "--base", REF / "base", "-o", "out")
+    outputs = _config_outputs(run, 2)
+    prompts = ["a boy playing guitar, best quality", PROMPT]
+    for (video, settings), prompt, seed in zip(outputs, prompts, [1, 2], strict=True):
+        info = video_info(video)
+        assert (info.num_frames, info.width, info.height) == (8, 128, 64), video  # L, W, H
+        assert settings["prompt"] == prompt
+        assert settings["negative_prompt"] == NEGATIVE  # one n_prompt serves every prompt
+        sampling = settings["sampling"]
+        assert sampling["seed"] == seed
+        assert (sampling["num_inference_steps"], sampling["guidance_scale"]) == (2, 7.5)
+        assert settings["motion_loras"] == {"motion_lora_v2": 0.7}
+        models = settings["models"]
+        assert Path(models["personal"]).name == "personal_ldm.safetensors"
+        assert Path(models["motion_module"]).name == "mm_v2.ckpt"
+        assert models["loras"] == []  # lora_model_path: ""
 
 
-@job
-def config_v3(cwd: Path, env: dict[str, str]) -> Run:
-    (cwd / "tiny-v3.yaml").write_text(V3_CONFIG)
-    return cli(
-        cwd, env, "generate", "--config", "tiny-v3.yaml", "--base", REF / "base", "-o", "out"
-    )
+def test_config_v3_list_form_with_adapter(tmp_path) -> None:
+    (tmp_path / "tiny-v3.yaml").write_text(V3_CONFIG)
+    run = cli(tmp_path, "generate", "--config", "tiny-v3.yaml", "--base", REF / "base", "-o", "out")
+    ((video, settings),) = _config_outputs(run, 1)
+    info = video_info(video)
+    assert (info.num_frames, info.width, info.height) == (6, 64, 128)  # L, W, H
+    assert settings["prompt"] == "a boy playing guitar"
+    assert settings["negative_prompt"] == NEGATIVE
+    sampling = settings["sampling"]
+    assert sampling["seed"] == 7
+    assert (sampling["num_inference_steps"], sampling["guidance_scale"]) == (2, 8.5)
+    models = settings["models"]
+    assert models["adapter"] == [str(REF / "domain_adapter_v3.ckpt"), 1.0]
+    assert Path(models["motion_module"]).name == "mm_v3.ckpt"
+    assert models["personal"] is None  # dreambooth_path: ""
 
 
-@job
-def reference_mp4(cwd: Path, env: dict[str, str]) -> Run:
-    return cli(
-        cwd, env, "generate", "a boy playing guitar", *FAST, *TINY_BASE,
-        "--motion-module", REF / "mm_v2.ckpt",
-        "--motion-lora", f"{REF / 'motion_lora_v2.ckpt'}:0.7",
-        "--seed", "5", "-o", "out.mp4",
-    )  # fmt: skip
-
-
-@job
-def convert_personal(cwd: Path, env: dict[str, str]) -> Run:
-    return cli(
-        cwd, env, "convert", REF / "personal_ldm.safetensors", "folder", "--base", REF / "base"
-    )
-
-
-class Evil:
-    """Unpickling this runs `touch PWNED` -- unless the loader refuses it."""
-
-    def __reduce__(self):
-        return (os.system, ("touch PWNED",))
-
-
-@job
-def error_malicious(cwd: Path, env: dict[str, str]) -> Run:
-    # As an attacker would ship it: a torch.save() archive that looks like a motion module.
-    key = "down_blocks.0.motion_modules.0.temporal_transformer.norm.weight"
-    torch.save({key: torch.ones(32), "payload": Evil()}, cwd / "evil.ckpt")
-    return cli(cwd, env, "generate", PROMPT, *FAST, *TINY_BASE, "--motion-module", "evil.ckpt")
-
-
-@job
-def error_truncated(cwd: Path, env: dict[str, str]) -> Run:
-    data = (REF / "mm_v2.ckpt").read_bytes()
-    (cwd / "mm_cut.ckpt").write_bytes(data[: len(data) // 2])  # an interrupted download
-    return cli(cwd, env, "generate", PROMPT, *FAST, *TINY_BASE, "--motion-module", "mm_cut.ckpt")
-
-
-@job
-def error_missing_debug(cwd: Path, env: dict[str, str]) -> Run:
-    return cli(cwd, env, "--debug", "generate", PROMPT, *FAST, "--motion-module", "missing.ckpt")
-
-
-@job
-def error_bad_yaml(cwd: Path, env: dict[str, str]) -> Run:
-    (cwd / "broken.yaml").write_text('Entry:\n  prompt: ["unclosed\n  motion_module: mm.ckpt\n')
-    return cli(cwd, env, "generate", "--config", "broken.yaml", "-o", "out")
-
-
+# -- user mistakes -------------------------------------------------------------------------------
 # Plain usage mistakes: arguments, then phrases the one-line message must contain.
 USAGE_ERRORS = {
     "missing_motion_module": (
@@ -319,205 +265,69 @@ USAGE_ERRORS = {
 }
 
 
-def _usage_job(args: tuple[str, ...]) -> Callable[[Path, dict[str, str]], Run]:
-    def run(cwd: Path, env: dict[str, str]) -> Run:
-        # The LoRA exists, so only the strength syntax can be at fault.
-        safetensors.torch.save_file({"w": torch.zeros(1)}, cwd / "x.safetensors")
-        return cli(cwd, env, *args)
-
-    return run
-
-
-for _name, (_args, _) in USAGE_ERRORS.items():
-    JOBS[f"error_{_name}"] = _usage_job(_args)
-
-INSPECT = {
-    "inspect_v1": ("mm_v1.ckpt",),
-    "inspect_v2": ("mm_v2.ckpt", "--json"),
-    "inspect_v3": ("mm_v3.ckpt", "--json"),
-    "inspect_motion_lora": ("motion_lora_v2.ckpt",),
-    "inspect_kohya": ("kohya_lora.safetensors",),
-}
-
-
-def _inspect_job(name: str, *flags: str) -> Callable[[Path, dict[str, str]], Run]:
-    return lambda cwd, env: cli(cwd, env, "inspect", REF / name, *flags)
-
-
-for _name, (_file, *_flags) in INSPECT.items():
-    JOBS[_name] = _inspect_job(_file, *_flags)
-
-
-def read_video(path: Path) -> torch.Tensor:
-    # Imported when first used, not at collection: `animatediff` pulls in diffusers (seconds of
-    # CPU), and the CLI jobs should not wait for that.
-    from animatediff.video import read_video
-
-    return read_video(path)
-
-
-def video_info(path: Path):
-    from animatediff.video import video_info
-
-    return video_info(path)
-
-
-# -- generate with the built-in model ------------------------------------------------------------
-@needs("builtin_gif")
-def test_generate_builtin_gif(jobs: Jobs) -> None:
-    run = jobs["builtin_gif"]["first"]
-    assert_ok(run)
-    assert "saved out.gif" in run.stdout.splitlines(), run
-    first = run.cwd / "first"
-    info = video_info(first / "out.gif")
-    assert (info.num_frames, info.width, info.height) == (8, 64, 64)
-    assert info.fps == pytest.approx(8, rel=0.05)  # GIF stores 1/100 s: 125 ms -> 120 ms
-    frames = read_video(first / "out.gif")
-    assert frames.shape == (3, 8, 64, 64)
-    assert frames.std() > 0.01  # not a blank picture
-    assert not torch.equal(frames[:, 0], frames[:, -1])  # it moves
-    settings = json.loads((first / "out.gif.json").read_text())
-    assert settings["seed"] == 3
-    assert settings["prompt"] == [PROMPT]
-    assert (settings["num_frames"], settings["num_inference_steps"]) == (8, 2)
-    assert settings["outputs"] == ["out.gif"]
-
-
-@needs("builtin_gif")
-def test_existing_output_needs_overwrite(jobs: Jobs) -> None:
-    result = jobs["builtin_gif"]
-    assert_ok(result["first"])
-    message = assert_usage_error(result["again"], "out.gif", "--overwrite")
-    assert "already exists" in message
-    assert result["untouched"], "the refused run changed out.gif"
-    assert_ok(result["overwrite"])
-    assert "saved out.gif" in result["overwrite"].stdout.splitlines(), result["overwrite"]
-
-
-@needs("builtin_gif")
-def test_same_seed_same_frames(jobs: Jobs) -> None:
-    result = jobs["builtin_gif"]
-    assert_ok(result["overwrite"])
-    cwd = result["overwrite"].cwd
-    assert torch.equal(read_video(cwd / "first" / "out.gif"), read_video(cwd / "out.gif"))
-    settings = json.loads((cwd / "out.gif.json").read_text())
-    assert settings["seed"] == 3
-
-
-# -- generate with the reference models ----------------------------------------------------------
-@needs("reference_mp4")
-def test_generate_mp4_with_motion_lora(jobs: Jobs) -> None:
-    run = jobs["reference_mp4"]
-    assert_ok(run)
-    assert run.saved() == ["out.mp4"], run
-    out = run.cwd / "out.mp4"
-    with av.open(str(out)) as container:
-        assert container.streams.video[0].codec_context.name == "h264"
-    info = video_info(out)
-    assert (info.num_frames, info.width, info.height) == (8, 128, 128)
-    assert read_video(out).shape == (3, 8, 128, 128)
-    settings = json.loads((run.cwd / "out.mp4.json").read_text())
-    assert settings["seed"] == 5
-    assert settings["motion_loras"] == {"motion_lora_v2": 0.7}
-    assert Path(settings["models"]["motion_module"]).name == "mm_v2.ckpt"
-
-
-def _config_outputs(run: Run, count: int) -> list[tuple[Path, dict]]:
-    assert_ok(run)
-    videos = sorted((run.cwd / "out").glob("*.gif"))
-    assert len(videos) == count, run
-    assert sorted(run.saved()) == [str(Path("out") / v.name) for v in videos], run
-    return [(v, json.loads(v.with_name(v.name + ".json").read_text())) for v in videos]
-
-
-@needs("config_v2")
-def test_config_v2_mapping_form(jobs: Jobs) -> None:
-    outputs = _config_outputs(jobs["config_v2"], 2)
-    prompts = ["a boy playing guitar, best quality", PROMPT]
-    for (video, settings), prompt, seed in zip(outputs, prompts, [1, 2], strict=True):
-        info = video_info(video)
-        assert (info.num_frames, info.width, info.height) == (8, 128, 64), video  # L, W, H
-        assert settings["prompt"] == [prompt]
-        assert settings["negative_prompt"] == [NEGATIVE]  # one n_prompt serves every prompt
-        assert settings["seed"] == seed
-        assert (settings["num_inference_steps"], settings["guidance_scale"]) == (2, 7.5)
-        assert settings["motion_loras"] == {"motion_lora_v2": 0.7}
-        models = settings["models"]
-        assert Path(models["personal"]).name == "personal_ldm.safetensors"
-        assert Path(models["motion_module"]).name == "mm_v2.ckpt"
-        assert models["loras"] == []  # lora_model_path: ""
-
-
-@needs("config_v3")
-def test_config_v3_list_form_with_adapter(jobs: Jobs) -> None:
-    ((video, settings),) = _config_outputs(jobs["config_v3"], 1)
-    info = video_info(video)
-    assert (info.num_frames, info.width, info.height) == (6, 64, 128)  # L, W, H
-    assert settings["prompt"] == ["a boy playing guitar"]
-    assert settings["negative_prompt"] == [NEGATIVE]
-    assert settings["seed"] == 7
-    assert (settings["num_inference_steps"], settings["guidance_scale"]) == (2, 8.5)
-    models = settings["models"]
-    assert models["adapter"] == [str(REF / "domain_adapter_v3.ckpt"), 1.0]
-    assert Path(models["motion_module"]).name == "mm_v3.ckpt"
-    assert models["personal"] is None  # dreambooth_path: ""
-
-
-# -- user mistakes -------------------------------------------------------------------------------
-@needs(*(f"error_{name}" for name in USAGE_ERRORS))
 @pytest.mark.parametrize("name", list(USAGE_ERRORS))
-def test_usage_error(jobs: Jobs, name: str) -> None:
-    assert_usage_error(jobs[f"error_{name}"], *USAGE_ERRORS[name][1])
+def test_usage_error(tmp_path, name: str) -> None:
+    args, needles = USAGE_ERRORS[name]
+    # The LoRA exists, so only the strength syntax can be at fault.
+    safetensors.torch.save_file({"w": torch.zeros(1)}, tmp_path / "x.safetensors")
+    assert_usage_error(cli(tmp_path, *args), *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # nothing written
 
 
-@needs("error_truncated")
-def test_truncated_motion_module(jobs: Jobs) -> None:
-    message = assert_usage_error(jobs["error_truncated"], "mm_cut.ckpt")
+def test_truncated_motion_module(tmp_path) -> None:
+    data = (REF / "mm_v2.ckpt").read_bytes()
+    (tmp_path / "mm_cut.ckpt").write_bytes(data[: len(data) // 2])  # an interrupted download
+    run = cli(tmp_path, "generate", PROMPT, *FAST, *TINY_BASE, "--motion-module", "mm_cut.ckpt")
+    message = assert_usage_error(run, "mm_cut.ckpt")
     assert re.search(r"truncated|corrupt", message), message
 
 
-@needs("error_malicious")
-def test_malicious_pickle_is_refused(jobs: Jobs) -> None:
-    run = jobs["error_malicious"]
+class Evil:
+    """Unpickling this runs `touch PWNED` -- unless the loader refuses it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_pickle_is_refused(tmp_path) -> None:
+    # As an attacker would ship it: a torch.save() archive that looks like a motion module.
+    key = "down_blocks.0.motion_modules.0.temporal_transformer.norm.weight"
+    torch.save({key: torch.ones(32), "payload": Evil()}, tmp_path / "evil.ckpt")
+    run = cli(tmp_path, "generate", PROMPT, *FAST, *TINY_BASE, "--motion-module", "evil.ckpt")
     assert_usage_error(run, "evil.ckpt", "refused for safety")
-    assert not (run.cwd / "PWNED").exists(), "the pickle's payload ran"
-    assert (run.cwd / "evil.ckpt").exists()  # sanity: the file was really there
+    assert not (tmp_path / "PWNED").exists(), "the pickle's payload ran"
+    assert (tmp_path / "evil.ckpt").exists()  # sanity: the file was really there
 
 
-@needs("error_missing_debug")
-def test_debug_shows_traceback(jobs: Jobs) -> None:
-    run = jobs["error_missing_debug"]
-    assert run.returncode not in (0, 2), run
-    assert "Traceback (most recent call last)" in run.stderr, run
-    assert "missing.ckpt" in run.stderr, run
-
-
-@needs("error_bad_yaml")
-def test_malformed_config_is_a_usage_error(jobs: Jobs) -> None:
-    assert_usage_error(jobs["error_bad_yaml"], "broken.yaml")
+def test_malformed_config_is_a_usage_error(tmp_path) -> None:
+    (tmp_path / "broken.yaml").write_text(
+        'Entry:\n  prompt: ["unclosed\n  motion_module: mm.ckpt\n'
+    )
+    run = cli(tmp_path, "generate", "--config", "broken.yaml", "-o", "out")
+    assert_usage_error(run, "broken.yaml")
 
 
 # -- inspect -------------------------------------------------------------------------------------
-@needs(*INSPECT)
-def test_inspect_motion_modules(jobs: Jobs) -> None:
-    text = jobs["inspect_v1"]
+def test_inspect_motion_modules(tmp_path) -> None:
+    text = cli(tmp_path, "inspect", REF / "mm_v1.ckpt")
     assert_ok(text)
     assert re.search(r"^kind\s+motion module$", text.stdout, re.M), text
     assert re.search(r"^version\s+v1$", text.stdout, re.M), text
-    for name, key, value in (("inspect_v2", "version", "v2"), ("inspect_v3", "dtype", "fp16")):
-        run = jobs[name]
+    for name, key, value in (("mm_v2.ckpt", "version", "v2"), ("mm_v3.ckpt", "dtype", "fp16")):
+        run = cli(tmp_path, "inspect", REF / name, "--json")
         assert_ok(run)
         info = json.loads(run.stdout)
         assert info["kind"] == "motion module", run
         assert info[key] == value, run
-    assert json.loads(jobs["inspect_v3"].stdout)["version"] == "v3"
+    v3 = cli(tmp_path, "inspect", REF / "mm_v3.ckpt", "--json")
+    assert json.loads(v3.stdout)["version"] == "v3", v3
 
 
-@needs(*INSPECT)
-def test_inspect_loras(jobs: Jobs) -> None:
-    motion_lora, kohya = jobs["inspect_motion_lora"], jobs["inspect_kohya"]
+def test_inspect_loras(tmp_path) -> None:
+    motion_lora = cli(tmp_path, "inspect", REF / "motion_lora_v2.ckpt")
     assert_ok(motion_lora)
     assert re.search(r"^kind\s+MotionLoRA$", motion_lora.stdout, re.M), motion_lora
+    kohya = cli(tmp_path, "inspect", REF / "kohya_lora.safetensors")
     assert_ok(kohya)
     assert re.search(r"^kind\s+.*kohya", kohya.stdout, re.M), kohya
 
@@ -541,10 +351,19 @@ def _original_without_pe() -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.endswith("pos_encoder.pe")}
 
 
-@needs("convert_motion")
-def test_convert_motion_module_round_trip(jobs: Jobs) -> None:
-    result = jobs["convert_motion"]
-    to_diffusers = result["to_diffusers"]
+@pytest.fixture(scope="module")
+def convert_motion(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Original .ckpt -> diffusers folder -> original .safetensors (and .ckpt)."""
+    cwd = tmp_path_factory.mktemp("convert_motion")
+    result = {"to_diffusers": cli(cwd, "convert", REF / "mm_v2.ckpt", "out_diffusers")}
+    if result["to_diffusers"].returncode == 0:
+        result["back"] = cli(cwd, "convert", "out_diffusers", "back.safetensors")
+        result["back_ckpt"] = cli(cwd, "convert", "out_diffusers", "back.ckpt")
+    return result
+
+
+def test_convert_motion_module_round_trip(convert_motion) -> None:
+    to_diffusers = convert_motion["to_diffusers"]
     assert_ok(to_diffusers)
     folder = to_diffusers.cwd / "out_diffusers"
     assert to_diffusers.saved() == ["out_diffusers"], to_diffusers
@@ -559,7 +378,7 @@ def test_convert_motion_module_round_trip(jobs: Jobs) -> None:
     _, loading = MotionAdapter.from_pretrained(folder, output_loading_info=True)
     assert not any(loading.values()), loading
 
-    back = result["back"]
+    back = convert_motion["back"]
     assert_ok(back)
     assert back.saved() == ["back.safetensors"], back
     _bitwise_equal(
@@ -567,9 +386,8 @@ def test_convert_motion_module_round_trip(jobs: Jobs) -> None:
     )
 
 
-@needs("convert_motion")
-def test_convert_motion_module_to_ckpt(jobs: Jobs) -> None:
-    run = jobs["convert_motion"]["back_ckpt"]
+def test_convert_motion_module_to_ckpt(convert_motion) -> None:
+    run = convert_motion["back_ckpt"]
     assert_ok(run)
     back = torch.load(run.cwd / "back.ckpt", map_location="cpu", weights_only=True)
     # A .ckpt carries no metadata, so like the released files it stores `pos_encoder.pe`
@@ -584,12 +402,13 @@ def test_convert_motion_module_to_ckpt(jobs: Jobs) -> None:
         assert (back[key] - original[key]).abs().max() < 2e-6, key
 
 
-@needs("convert_personal")
-def test_convert_single_file_to_diffusers_folder(jobs: Jobs) -> None:
-    run = jobs["convert_personal"]
+def test_convert_single_file_to_diffusers_folder(tmp_path) -> None:
+    run = cli(
+        tmp_path, "convert", REF / "personal_ldm.safetensors", "folder", "--base", REF / "base"
+    )
     assert_ok(run)
     assert run.saved() == ["folder"], run
-    folder = run.cwd / "folder"
+    folder = tmp_path / "folder"
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (folder / part).exists(), part
 
@@ -607,3 +426,71 @@ def test_convert_single_file_to_diffusers_folder(jobs: Jobs) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), part
     prompt = "a boy playing guitar"
     assert converted.tokenizer(prompt).input_ids == direct.tokenizer(prompt).input_ids
+
+
+# -- real processes ------------------------------------------------------------------------------
+def process(cwd: Path, *command: object) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [str(c) for c in command],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+    )
+
+
+def test_entry_point_runs(tmp_path) -> None:
+    """The installed `animatediff` command: its version, and a usage mistake's exit code 2."""
+    exe = shutil.which("animatediff")
+    if exe is None:
+        pytest.skip("the package is not installed (no `animatediff` on PATH)")
+    version = process(tmp_path, exe, "--version")
+    assert version.returncode == 0, version
+    assert re.fullmatch(r"animatediff \d+\.\d+\.\S+\n", version.stdout), version
+    mistake = process(tmp_path, exe, "generate", PROMPT, "--width", "100")
+    assert mistake.returncode == 2, mistake
+    assert mistake.stderr.startswith("animatediff: error: --width 100"), mistake
+    assert len(mistake.stderr.strip().splitlines()) == 1, mistake
+
+
+def test_debug_shows_traceback(tmp_path) -> None:
+    """`--debug`: the traceback is printed, and a mistake still exits 2."""
+    proc = process(
+        tmp_path, sys.executable, "-m", "animatediff.cli.main",
+        "--debug", "generate", PROMPT, *FAST, "--motion-module", "missing.ckpt",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc
+    assert "Traceback (most recent call last)" in proc.stderr, proc
+    assert "missing.ckpt" in proc.stderr, proc
+
+
+@pytest.mark.slow  # a process that imports torch and diffusers: 5-15 s
+def test_late_mistake_is_one_line_in_a_process(tmp_path) -> None:
+    """A file found bad once the models load (a truncated motion module): one line, exit 2 --
+    no progress bars or warnings of the libraries before it."""
+    data = (REF / "mm_v2.ckpt").read_bytes()
+    (tmp_path / "mm_cut.ckpt").write_bytes(data[: len(data) // 2])
+    proc = process(
+        tmp_path, sys.executable, "-m", "animatediff.cli.main",
+        "generate", PROMPT, *FAST, *TINY_BASE, "--motion-module", "mm_cut.ckpt",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc
+    assert proc.stderr.startswith("animatediff: error: mm_cut.ckpt"), proc
+    assert len(proc.stderr.strip().splitlines()) == 1, proc
+    assert not proc.stdout, proc
+
+
+@pytest.mark.slow
+def test_module_generates_in_a_process(tmp_path) -> None:
+    """`python -m animatediff.cli.main generate` on the built-in model, start to finish; the
+    same command in-process gives the same frames."""
+    args = ("generate", PROMPT, "--steps", "2", "--frames", "4", "--seed", "9", "-o", "p.gif")
+    proc = process(tmp_path, sys.executable, "-m", "animatediff.cli.main", *args)
+    assert proc.returncode == 0, proc
+    assert proc.stdout.splitlines() == ["saved p.gif", "settings p.gif.json"], proc
+    assert "Traceback" not in proc.stderr, proc
+    in_process = cli(tmp_path, *args[:-1], "q.gif")
+    assert_ok(in_process)
+    assert torch.equal(read_video(tmp_path / "p.gif"), read_video(tmp_path / "q.gif"))

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from animatediff.pipeline.context import (
-    ContextOptions,
-    WindowAccumulator,
-    context_windows,
-    fuse_weights,
-    window_text,
-)
+from animatediff.motion.frames import WindowAccumulator, window_text
+from animatediff.options import ContextOptions
+from animatediff.pipeline.context import context_windows, fuse_weights
 
 
 def opts(schedule: str = "static", length: int = 16, overlap: int = 4, stride: int = 1):
@@ -36,7 +32,8 @@ def test_defaults():
         (dict(context_overlap=16), "context_overlap"),
         (dict(context_overlap=20), "context_overlap"),
         (dict(context_overlap=-1), "context_overlap"),
-        (dict(context_length=0), "context_length"),
+        (dict(context_length=-1), "context_length"),
+        (dict(context_length=2.5), "context_length"),
         (dict(context_stride=0), "context_stride"),
         (dict(context_schedule="loop"), "context_schedule"),
         (dict(context_fuse="linear"), "context_fuse"),
@@ -45,6 +42,13 @@ def test_defaults():
 def test_invalid_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ContextOptions(**kwargs)
+
+
+def test_context_length_zero_or_none_means_all_frames_at_once():
+    for length in (0, None):
+        assert ContextOptions(context_length=length).context_length is None
+        assert not ContextOptions(context_length=length).applies(1000)
+        assert context_windows(40, 0, 1, ContextOptions(context_length=length)) == [list(range(40))]
 
 
 def test_invalid_step():
@@ -226,7 +230,6 @@ def test_fuse_weights_values():
     ]
     assert fuse_weights(4, "overlap-linear", 3).tolist() == [0.25, 0.5, 0.5, 0.25]
     assert fuse_weights(3, "overlap-linear", 0).tolist() == [1, 1, 1]
-    assert ContextOptions(context_overlap=1, context_length=4).weights(4).tolist() == [1, 2, 2, 1]
 
 
 def test_fuse_weights_positive_and_crossfade():
@@ -281,3 +284,9 @@ def test_window_text():
     assert picked[:, 0, 0].tolist() == [4, 0, 9, 5]
     with pytest.raises(ValueError, match="rows"):
         window_text(torch.randn(3, 77, 8), [0], batch=2, num_frames=5)
+
+
+@pytest.mark.parametrize("off", [0, None, "0", "none"])
+def test_context_length_zero_or_none_means_no_windows(off):
+    """The CLI passes "0"/"none" as text (`--context-length 0`), Python 0 or None."""
+    assert ContextOptions(context_length=off).context_length is None

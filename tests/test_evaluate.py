@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from animatediff import builtin
+from animatediff.builtin.model import builtin_model
 from animatediff.world import (
     PAN_LEFT_DX,
     STYLES,
@@ -26,23 +27,18 @@ from animatediff.world import (
     style_images,
     web_video,
 )
-from animatediff.world.evaluate import (
-    CAMERA_PROMPTS,
-    PROMPTS,
-    QUICK_PROMPTS,
-    SKIPPED,
+from animatediff.world.evaluate import SKIPPED, evaluate, lora_rank
+from animatediff.world.evaluate_settings import CAMERA_PROMPTS, PROMPTS, QUICK_PROMPTS
+from animatediff.world.metrics import (
     camera_effect,
     camera_motion,
     clip_alignment,
     clip_metrics,
     domain_similarity,
-    evaluate,
-    format_table,
     frame_alignment,
-    lora_rank,
-    save_results,
     watermark_rate,
 )
+from animatediff.world.report import format_table, save_results
 from animatediff.world.scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES
 from animatediff.world.styles import SIZES
 
@@ -56,6 +52,7 @@ ROW_KEYS = {
     "colour_alignment",
     "shape_alignment",
     "background_alignment",
+    "background_stability",
     "temporal_consistency",
     "motion_smoothness",
     "dynamic_degree",
@@ -113,6 +110,7 @@ def test_ground_truth_clips_score_high(clips):
     ):
         assert m[key] == 1.0, key
     assert m["motion_alignment_by_kind"] == {k: 1.0 for k in kinds}
+    assert m["background_stability"] == 1.0
     assert m["temporal_consistency"] > 0.8
     assert m["motion_smoothness"] > 0.9
     assert m["dynamic_degree"] == pytest.approx(4 / 5)  # all but the static clip move
@@ -153,6 +151,21 @@ def test_alignment_counts_a_clip_when_most_frames_align(clips):
     many = np.concatenate([frames[:5], blank[:7]])
     assert clip_alignment(few, text)["all"] and not clip_alignment(many, text)["all"]
     assert clip_alignment(many, text)["background"]  # the background still holds
+
+
+def test_background_stability_is_the_share_of_frames_on_the_majority_background(clips):
+    """A clip whose background flickers to another colour in k of its frames is stable in
+    FRAMES - k of them, whichever colour the caption names."""
+    frames, text, meta = clips["static"]
+    candidates = (make_clip(s, num_frames=FRAMES, kind="static") for s in range(200, 260))
+    other = next(
+        c for c in candidates if c[2]["scenes"][0].background != meta["scenes"][0].background
+    )
+    for k in (1, 3, 5):
+        flicker = frames.copy()
+        flicker[1 : 1 + 2 * k : 2] = other[0][1 : 1 + 2 * k : 2]
+        m = clip_metrics([flicker, frames], [text, text])
+        assert m["background_stability"] == pytest.approx((2 * FRAMES - k) / (2 * FRAMES))
 
 
 def test_watermark_rate_of_web_and_clean_frames(clips):
@@ -275,6 +288,7 @@ def _statuses(results: dict) -> list[str]:
     return [row["status"] for row in rows]
 
 
+@pytest.mark.slow  # every row of the evaluation, quick settings
 def test_evaluate_quick_runs_end_to_end(tmp_path):
     results = evaluate(**TINY)
     assert list(results) == [
@@ -323,7 +337,7 @@ def fake_extras(tmp_path, monkeypatch):
     from animatediff.checkpoints.motion import load_motion_module
     from animatediff.training.stages import motion_attention_targets, spatial_attention_targets
 
-    model = builtin.builtin_model()
+    model = builtin_model()
     data = tmp_path / "data"
     (data / "personal").mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -387,6 +401,9 @@ def test_evaluate_runs_every_row_with_extras(fake_extras):
     for name in ("zoom-in", "pan-r2"):
         assert set(loras[name]["strength"]) == {"1.0", "0.0"}
         assert isinstance(loras[name]["effect"], bool)
+        # quick: judged at the evaluation's one seed, which gives the pooled effect too
+        assert loras[name]["effect_by_seed"] == {"0": loras[name]["effect"]}
+        assert loras[name]["seeds_in_direction"] == int(loras[name]["effect"])
     assert all(s == "ok" or s.startswith("skipped") for s in _statuses(results))
     table = format_table(results)
     assert "| outline-lora + image-layer-trained MM | " in table and "| pan-r2 | extra |" in table

@@ -1,5 +1,5 @@
 """Long videos through the pipeline: context windows, views, prompt travel, FreeNoise, FreeInit,
-motion scale (on the built-in tiny model)."""
+motion scale (on the built-in model)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from animatediff import AnimationPipeline
+from animatediff.options import Options
 
 FAST = dict(num_inference_steps=2, progress=False, seed=1)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ANIMATEDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield AnimationPipeline.load()
-    mp.undo()
+def pipe():
+    return AnimationPipeline.load()
 
 
 def frames_seen(pipe, **kwargs) -> list[int]:
@@ -56,12 +54,13 @@ def test_views_run_image_layers_on_all_frames(pipe):
     assert seen == [24, 24]
     views = pipe("a red circle", num_frames=24, context_views=True, **FAST).frames
     windows = pipe("a red circle", num_frames=24, **FAST).frames
-    assert views.shape == windows.shape and not torch.equal(views, windows)
+    assert views.shape == windows.shape and (views - windows).abs().max() > 1e-3
 
 
 def test_prompt_travel_embeddings(pipe):
     keys = {0: "a red circle", 8: "a blue square", -1: "a green star"}
-    text = pipe.conditioning(keys, "", num_frames=12, videos=2, guidance=True)
+    options = Options.build(dict(num_frames=12, num_videos_per_prompt=2))
+    text = pipe.text(keys, "", options, guided=True)
     assert text.shape == (2 * 2 * 12, 77, pipe.text_encoder.config.hidden_size)
     cond = text[2 * 12 :].view(2, 12, 77, -1)
     from animatediff.pipeline.prompt import encode_prompts
@@ -75,18 +74,18 @@ def test_prompt_travel_embeddings(pipe):
     assert video.frames.shape[2] == 12
 
 
+@pytest.mark.slow  # seven generations, three of 24 frames, two with a FreeInit pass
 def test_freenoise_and_freeinit_off_is_plain_on_changes(pipe):
     plain = pipe("a red circle", num_frames=24, **FAST).frames
     assert torch.equal(pipe("a red circle", num_frames=24, freenoise=False, **FAST).frames, plain)
-    assert not torch.equal(
-        pipe("a red circle", num_frames=24, freenoise=True, **FAST).frames, plain
-    )
+    freenoise = pipe("a red circle", num_frames=24, freenoise=True, **FAST).frames
+    assert (freenoise - plain).abs().max() > 1e-2
     short = pipe("a red circle", num_frames=8, **FAST).frames
     assert torch.equal(
         pipe("a red circle", num_frames=8, freeinit_iterations=0, **FAST).frames, short
     )
     again = pipe("a red circle", num_frames=8, freeinit_iterations=1, **FAST).frames
-    assert not torch.equal(again, short)
+    assert (again - short).abs().max() > 1e-2
     assert torch.equal(
         pipe("a red circle", num_frames=8, freeinit_iterations=1, **FAST).frames, again
     )
@@ -97,7 +96,7 @@ def test_motion_scale(pipe):
     per_frame_ones = pipe("a red circle", num_frames=8, motion_scale=[1.0] * 8, **FAST).frames
     assert torch.equal(base, per_frame_ones)
     off = pipe("a red circle", num_frames=8, motion_scale=0.0, **FAST).frames
-    assert not torch.equal(off, base)
+    assert (off - base).abs().max() > 1e-2
     # Scale 0 removes the motion modules' effect: the same as the image model frame by frame.
     pipe.unet.motion.requires_grad_(False)
     saved = {k: v.clone() for k, v in pipe.unet.motion.state_dict().items()}
@@ -114,6 +113,7 @@ def test_motion_scale(pipe):
 PEAK = """
 import gc, json, sys, torch
 from animatediff import AnimationPipeline
+from animatediff.options import Options
 
 def high_water_kib():
     for line in open("/proc/self/status"):
@@ -144,16 +144,12 @@ def _peak(frames: int, context: str, env) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
 
 
+@pytest.mark.slow  # three processes
 @pytest.mark.skipif(
     not os.path.exists("/proc/self/clear_refs"), reason="needs Linux peak-RSS reset"
 )
-def test_peak_memory_is_bounded_by_the_window(tmp_path_factory, pipe):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "ANIMATEDIFF_CACHE": os.environ.get("ANIMATEDIFF_CACHE", ""),
-    }
-    env["ANIMATEDIFF_CACHE"] = str(pipe.sources["base"]).rsplit("/builtin-", 1)[0]
+def test_peak_memory_is_bounded_by_the_window():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sixteen = _peak(16, "16", env)
     windowed = _peak(64, "16", env)
     whole = _peak(64, "none", env)
@@ -163,14 +159,16 @@ def test_peak_memory_is_bounded_by_the_window(tmp_path_factory, pipe):
     assert whole > 2 * sixteen, (sixteen, whole)
 
 
-def test_motion_scale_context_restores_the_scale(pipe):
-    """`pipe.motion_scale` sets the scale inside its block and restores it on exit, also when
-    the block raises."""
-    before = pipe.unet.motion_scale
-    with pipe.motion_scale(0.0):
-        assert pipe.unet.motion_scale == 0.0
-    assert pipe.unet.motion_scale == before
-    with pytest.raises(RuntimeError), pipe.motion_scale([0.5, 1.0]):
-        assert torch.equal(pipe.unet.motion_scale, torch.tensor([0.5, 1.0]))
-        raise RuntimeError("inside")
-    assert pipe.unet.motion_scale == before
+def test_motion_scale_is_per_call(pipe):
+    """The motion scale is an argument of the UNet's call, not state left on the model: a call
+    with scale 0 changes nothing for the next call, and scale 0 is the image model alone."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 6, 16, 16)
+    text = pipe.encode(["a red circle"])
+    t = torch.tensor(500)
+    before = pipe.unet(x, t, text)
+    off = pipe.unet(x, t, text, motion_scale=0.0)
+    assert torch.equal(pipe.unet(x, t, text), before)
+    assert (off - before).abs().max() > 1e-3
+    frames = pipe.unet.unet(x.transpose(1, 2).flatten(0, 1), t, text.repeat(6, 1, 1)).sample
+    assert torch.allclose(off, frames.view(1, 6, 4, 16, 16).transpose(1, 2), atol=1e-5)

@@ -17,6 +17,7 @@ from animatediff import AnimationPipeline
 from animatediff.checkpoints.adapters import apply_image_lora
 from animatediff.checkpoints.base import load_base
 from animatediff.checkpoints.io import load_state_dict, save_state_dict
+from animatediff.checkpoints.kinds import check_kind
 from animatediff.checkpoints.lora import parse_attention_lora, to_official_layout
 from animatediff.lora import LoRAPair
 
@@ -160,6 +161,7 @@ def test_motion_lora_formats_agree(fmt, pipe, inputs, official_sd, official_out,
     }[fmt]()
     assert not set(sd) & set(official_sd)
     path = save_state_dict(sd, tmp_path / f"motion_lora_{fmt}.safetensors")
+    check_kind(path, "motion_lora")  # the command line's header check takes every layout
     out = out_with(pipe, inputs, [(path, STRENGTH)])
     assert torch.equal(out, official_out)
 
@@ -182,7 +184,7 @@ def test_remove_motion_lora_restores_exact_output(pipe, inputs, ref_dir, baselin
     with_lora = unet_out(pipe, inputs)
     pipe.remove_motion_lora(name)
     assert not pipe.motion_loras
-    assert not torch.equal(with_lora, baseline)
+    assert (with_lora - baseline).abs().max() > 1e-3  # it had an effect to undo
     assert torch.equal(unet_out(pipe, inputs), baseline)
 
 

@@ -210,13 +210,27 @@ def test_diffusers_folder_loads_in_diffusers_and_back(version, originals, tmp_pa
         exact = sinusoidal_encoding(original.config.max_frames, v.shape[-1])
         assert torch.equal(v[0], exact.to(file_dtype).to(v.dtype)), k
 
-    # a folder written by diffusers itself reads back to the same weights and version
+    # a folder written by diffusers itself reads back to the same weights and version; without
+    # a mid block, v1 and v3 look alike there, so a name must say which (or it is refused)
     adapter.save_pretrained(tmp_path / "by_diffusers")
-    theirs = read_motion_checkpoint(tmp_path / "by_diffusers")
+    theirs = read_motion_checkpoint(
+        tmp_path / "by_diffusers", _ambiguous(version, tmp_path / "by_diffusers")
+    )
     assert theirs.config.version == version
     assert theirs.config.groupnorm_across_frames is original.config.groupnorm_across_frames
     for k, v in original.state_dict.items():
         assert torch.equal(theirs.state_dict[k], v.to(theirs.state_dict[k].dtype)), k
+
+
+def _ambiguous(version: str, path) -> str | None:
+    """The version to pass for a diffusers-layout file nothing names: v2 is told by its mid
+    block, these v1 files by their 24-frame encoding; v3 (32 frames, no mid block) could be a
+    v1 converted with diffusers' default length, so it is refused with a message asking."""
+    if version != "v3":
+        return None
+    with pytest.raises(CheckpointError, match="motion-version"):
+        read_motion_checkpoint(path)
+    return version
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -224,10 +238,10 @@ def test_diffusers_single_file(version, originals, tmp_path):
     original = originals[version]
     sd = to_diffusers_layout(original.state_dict, original.config)
     assert any(".attn1." in k for k in sd) and not any(".temporal_transformer." in k for k in sd)
-    ckpt = read_motion_checkpoint(save_state_dict(sd, tmp_path / "adapter.safetensors"))
+    file = save_state_dict(sd, tmp_path / "adapter.safetensors")
+    ckpt = read_motion_checkpoint(file, _ambiguous(version, file))
     assert ckpt.layout == "diffusers"
     assert ckpt.config == original.config
-    assert ckpt.version_source == original.version_source
     assert_same_tensors(ckpt.state_dict, original.state_dict)
 
 
@@ -272,10 +286,10 @@ def test_insertion_and_removal_leave_the_2d_unet_untouched(ref_dir, unet2d, expe
     with torch.no_grad():
         before = unet2d(image, 500, text).sample
 
-    # v1: motion hooks plus the across-frames GroupNorm hooks
+    # v1, with its across-frames GroupNorm: nothing is attached to the 2D UNet at all
     model = MotionUNet(unet2d, load_motion_module(ref_dir / "mm_v1.ckpt"))
     assert_same_tensors(snapshot(unet2d), before_sd)
-    assert hook_count(unet2d) > hooks_before
+    assert hook_count(unet2d) == hooks_before
     with torch.no_grad():
         video = model(torch.randn(1, 4, 4, 16, 16, generator=g), 500, text[:1])
         assert video.shape == (1, 4, 4, 16, 16)
@@ -287,8 +301,6 @@ def test_insertion_and_removal_leave_the_2d_unet_untouched(ref_dir, unet2d, expe
     assert_same_tensors(snapshot(unet2d), before_sd)
     with torch.no_grad():
         assert torch.equal(unet2d(image, 500, text).sample, before)
-    with pytest.raises(RuntimeError):
-        model(torch.zeros(1, 4, 4, 16, 16), 500, text[:1])
 
 
 def test_gradients_reach_only_motion_parameters(ref_dir, unet2d, expected):

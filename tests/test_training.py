@@ -43,6 +43,8 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 FRAMES = 4
 SIZE = 64  # pixels; the built-in VAE downsamples 4x -> 16x16 latents (the UNet needs /8)
@@ -52,7 +54,7 @@ BACKGROUND = (0.15, 0.15, 0.25)
 
 def random_base() -> str:
     """The trainer is tested on the tiny random model (built in code), not on shipped weights."""
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
 
     return str(random_model().base)
 
@@ -227,6 +229,8 @@ class Data:
         self.overfit = root / "overfit"  # two clips to overfit
         self.mixed = root / "mixed"  # one good clip, one corrupt, one too short
         self.empty = root / "empty"
+        self.long = root / "long"  # one 48-frame clip (for num_frames above 32)
+        self.captionless = root / "captionless"  # two clips: an empty caption, no caption file
         self.motion_module = root / "mm_random_v3.safetensors"
 
 
@@ -245,7 +249,7 @@ def data(tmp_path_factory) -> Data:
 
     import animatediff.training.encode  # noqa: F401
     import animatediff.training.trainer  # noqa: F401
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
     from animatediff.checkpoints.motion import save_motion_module
     from animatediff.motion import MotionModuleConfig, MotionModules
 
@@ -269,6 +273,12 @@ def data(tmp_path_factory) -> Data:
             shutil.copy(d.clips / f"{name}{suffix}", d.mixed)
     d.empty.mkdir()
     (d.empty / "notes.txt").write_text("no videos here")
+    write_clip(d.long, "long", moving_square((1, 0.1, 0.1), (1, 0), 48), CLIPS[0][4])
+    for name in ("red_right", "green_down", "blue_left"):
+        d.captionless.mkdir(exist_ok=True)
+        shutil.copy(d.clips / f"{name}.mp4", d.captionless)
+    (d.captionless / "red_right.txt").write_text(CLIPS[0][4])
+    (d.captionless / "green_down.txt").write_text("  \n")  # empty; blue_left has no .txt
 
     torch.manual_seed(1)
     unet = UNet2DConditionModel.load_config(random_model().base / "unet")
@@ -480,6 +490,7 @@ def stage_run(data: Data, tmp_path_factory) -> Callable[[str], dict]:
     return run
 
 
+@pytest.mark.slow  # trains in a forked child
 @pytest.mark.parametrize("stage", ["adapter", "motion", "motion_lora", "image_finetune"])
 def test_stage_learns_and_only_trains_its_part(stage_run, stage: str):
     run = stage_run(stage)
@@ -538,7 +549,13 @@ def test_checkpoint_is_cheap(data: Data, tmp_path: Path):
         return time.process_time() - start, sorted(p.name for p in path.iterdir())
 
     seconds, files = in_child(save)
-    assert files == ["trainable.safetensors", "training_state.pt"]
+    assert files == [
+        "optimizer.bin",
+        "progress.json",
+        "random_states_0.pkl",
+        "scheduler.bin",
+        "trainable.safetensors",
+    ]
     assert seconds < 3, f"saving a checkpoint took {seconds:.1f} s of CPU"
 
 
@@ -557,6 +574,7 @@ def _generate(pipe, seed: int = 0) -> torch.Tensor:
     return video.frames
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_motion_stage_outputs_load(stage_run):
     from animatediff.checkpoints.motion import load_motion_module
     from animatediff.pipeline import AnimationPipeline
@@ -575,6 +593,7 @@ def test_motion_stage_outputs_load(stage_run):
     assert torch.isfinite(frames).all()
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_motion_lora_output_changes_the_video(data: Data, stage_run):
     from animatediff.pipeline import AnimationPipeline
 
@@ -602,6 +621,7 @@ def test_motion_lora_output_changes_the_video(data: Data, stage_run):
     )
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_adapter_output_loads(stage_run):
     from animatediff.pipeline import AnimationPipeline
 
@@ -611,7 +631,7 @@ def test_adapter_output_loads(stage_run):
     keys = list(load_tensors(adapter))
     assert keys and all(".processor.to_" in k for k in keys)
     assert all((".attn1.processor." in k or ".attn2.processor." in k) for k in keys)
-    from animatediff.builtin import random_model
+    from animatediff.builtin.model import random_model
 
     model = random_model()
     plain = _generate(AnimationPipeline.load(model.base, model.motion_module))
@@ -622,6 +642,7 @@ def test_adapter_output_loads(stage_run):
     assert (adapted - plain).abs().max() > 1e-3, "the trained adapter does not change the video"
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_image_finetune_output_loads(stage_run):
     from diffusers import UNet2DConditionModel
 
@@ -630,6 +651,7 @@ def test_image_finetune_output_loads(stage_run):
     assert sum(p.numel() for p in unet.parameters()) > 0
 
 
+@pytest.mark.slow  # trains in a forked child
 @pytest.mark.parametrize("stage", ["adapter", "motion"])
 def test_metrics_and_loss_plot(stage_run, stage: str):
     run = stage_run(stage)
@@ -645,6 +667,7 @@ def test_metrics_and_loss_plot(stage_run, stage: str):
     assert config_json["stage"] == stage
 
 
+@pytest.mark.slow  # trains in a forked child
 def test_validation_gifs_tensorboard_and_skipped(data: Data, tmp_path: Path):
     """A motion run on 1 good + 1 corrupt + 1 too-short clip, validating every step and
     logging to TensorBoard: GIFs appear, the bad clips are skipped and counted."""
@@ -672,6 +695,7 @@ def test_validation_gifs_tensorboard_and_skipped(data: Data, tmp_path: Path):
 
 
 # -- 3. resume == uninterrupted ----------------------------------------------------------------------
+@pytest.mark.slow  # two training processes
 def test_sigint_then_resume_equals_uninterrupted(data: Data, tmp_path: Path):
     from animatediff.training import train
 
@@ -725,6 +749,219 @@ def test_sigint_then_resume_equals_uninterrupted(data: Data, tmp_path: Path):
     losses_b = {r["step"]: r["loss"] for r in read_metrics(parts)}
     assert sorted(losses_b) == list(range(1, steps + 1))
     assert losses_b == losses_a
+
+
+def _stopped_after_first_step(cfg: dict) -> int:
+    """In the child: a run asked to stop (as by Ctrl-C) during its first step; returns the step
+    of the checkpoint it wrote."""
+    from animatediff.training import Trainer, parse_config
+
+    trainer = Trainer(parse_config(cfg))
+    trainer._stop_requested = True
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        return int(trainer.latest_checkpoint().name.split("-")[1])
+    raise AssertionError("the run did not stop")
+
+
+def test_resume_continues_the_skipped_and_uncaptioned_counts(data: Data, tmp_path: Path):
+    """A dataset with a corrupt, a too-short and two caption-less clips: the counts in
+    metrics.jsonl (and every loss) after stop + resume are those of an uninterrupted run."""
+    from animatediff.training import train
+
+    folder = tmp_path / "clips"
+    shutil.copytree(data.captionless, folder)
+    for name in ("corrupt", "short"):
+        for suffix in (".mp4", ".txt"):
+            shutil.copy(data.clips / f"{name}{suffix}", folder)
+
+    def cfg(out: Path) -> dict:
+        return config("motion", out, folder, steps=4, batch_size=2, checkpoint={"every": 0})
+
+    in_child(train, cfg(tmp_path / "whole"))
+    assert in_child(_stopped_after_first_step, cfg(tmp_path / "parts")) == 1
+    in_child(train, cfg(tmp_path / "parts"), resume=True)
+    keys = ("step", "loss", "lr", "skipped", "uncaptioned")
+    whole = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "whole")]
+    parts = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "parts")]
+    assert parts == whole
+    assert whole[-1]["skipped"] >= 2 and whole[-1]["uncaptioned"] >= 2, whole[-1]
+
+
+def test_checkpoints_are_accelerate_state_loadable_without_code(data: Data, tmp_path: Path):
+    """A checkpoint is Accelerate's `save_state` folder: safetensors for every tensor the trainer
+    adds, JSON for its progress, and Accelerate's own files, each of which loads with
+    `torch.load(weights_only=True)` (NumPy's RNG state needs only NumPy's array types allowed,
+    as Accelerate allows them). No registered-object pickle (those load with weights_only=False).
+    Resuming restores the Python, NumPy and torch RNG states saved with it."""
+    import random
+
+    import numpy as np
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    from animatediff.training import Trainer, parse_config
+
+    cfg = config("motion", tmp_path / "out", data.overfit, train={"ema_decay": 0.9})
+
+    def save_then_resume() -> dict:
+        trainer = Trainer(parse_config(cfg))
+        trainer.out.mkdir()
+        path = trainer.save_checkpoint()
+        saved = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+        torch.rand(5), np.random.rand(5), random.random()  # move every generator on
+        Trainer(parse_config(cfg), resume=True)
+        resumed = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+        return {"path": path, "saved": saved, "resumed": resumed}
+
+    out = in_child(save_then_resume)
+    assert torch.equal(out["saved"][0], out["resumed"][0]), "torch RNG not restored"
+    assert (out["saved"][1] == out["resumed"][1]).all(), "NumPy RNG not restored"
+    assert out["saved"][2] == out["resumed"][2], "Python RNG not restored"
+    files = sorted(p.name for p in out["path"].iterdir())
+    assert files == [
+        "ema.safetensors",
+        "optimizer.bin",
+        "progress.json",
+        "random_states_0.pkl",
+        "scheduler.bin",
+        "trainable.safetensors",
+    ]
+    for name in ("optimizer.bin", "scheduler.bin"):
+        torch.load(out["path"] / name, weights_only=True)
+    with pytest.raises(Exception):  # noqa: B017 - numpy arrays are not allowed by default
+        torch.load(out["path"] / "random_states_0.pkl", weights_only=True)
+    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+        state = torch.load(out["path"] / "random_states_0.pkl", weights_only=True)
+    assert {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(state)
+    progress = json.loads((out["path"] / "progress.json").read_text())
+    assert progress["step"] == 0 and progress["ema"]["decay"] == 0.9
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_output_dir_is_refused_unless_resumed_or_overwritten(data: Data, tmp_path: Path):
+    """Through `animatediff train`: a second run into a finished output_dir is refused (exit 2,
+    one line) and changes nothing; so is a failed --overwrite start; --overwrite replaces the
+    run's outputs (old checkpoints and metrics gone) and keeps files that are not the trainer's."""
+    out = tmp_path / "run"
+    first = write_yaml(
+        tmp_path / "first.yaml",
+        config("motion", out, data.overfit, steps=2, checkpoint={"every": 1, "keep": 5}),
+    )
+    assert run_cli_main(["train", str(first)])[0] == 0
+    (out / "notes.txt").write_text("not the trainer's")
+    before = _tree(out)
+    problems = []
+    for name, argv in {
+        "again": ["train", str(first)],
+        "both flags": ["train", str(first), "--resume", "--overwrite"],
+        "resume nothing": [
+            "train",
+            str(
+                write_yaml(tmp_path / "other.yaml", config("motion", tmp_path / "x", data.overfit))
+            ),
+            "--resume",
+        ],
+        "bad overwrite": [
+            "train",
+            str(
+                write_yaml(
+                    tmp_path / "bad.yaml",
+                    merged(yaml.safe_load(first.read_text()), {"data": {"num_frames": 40}}),
+                )
+            ),
+            "--overwrite",
+        ],
+    }.items():
+        code, _, stderr = run_cli_main(argv)
+        lines = stderr.strip().splitlines()
+        if code != 2 or len(lines) != 1 or not lines[0].startswith("animatediff: error:"):
+            problems.append(f"{name}: exit {code}, stderr {stderr!r}")
+        if _tree(out) != before:
+            problems.append(f"{name}: the finished run was changed")
+    assert not problems, "\n".join(problems)
+    code, _, stderr = run_cli_main(["train", str(first)])
+    assert all(w in stderr for w in ("output_dir", "--resume", "--overwrite")), stderr
+
+    second = write_yaml(
+        tmp_path / "second.yaml", config("motion", out, data.overfit, steps=3, lr=2e-3)
+    )
+    code, _, stderr = run_cli_main(["train", str(second), "--overwrite"])
+    assert code == 0, stderr
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert not (out / "checkpoints").exists() and not (out / ".previous-run").exists()
+    assert (out / "notes.txt").read_text() == "not the trainer's"
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 3
+    assert load_tensors(out / "motion_module.safetensors").keys()
+
+
+def test_a_failed_overwrite_puts_the_previous_run_back(data: Data, tmp_path: Path):
+    """The new run fails at its first step (a crash injected where a CUDA out-of-memory would
+    strike): the previous run's files are back, byte for byte, and nothing of the new one
+    remains; a failed first run into a new folder leaves no folder."""
+    from animatediff.training import Trainer, parse_config, train
+
+    out = tmp_path / "run"
+    in_child(train, config("motion", out, data.overfit, steps=2, checkpoint={"every": 1}))
+    before = _tree(out)
+
+    def crash(folder: Path, overwrite: bool) -> None:
+        cfg = config(
+            "motion", folder, data.overfit, steps=3, validation={"prompts": ["x"], "every": 1}
+        )
+        trainer = Trainer(parse_config(cfg), overwrite=overwrite)
+
+        def out_of_memory(batch, micro):
+            raise MemoryError("injected at the first step")
+
+        trainer._micro_step = out_of_memory
+        trainer.fit()
+
+    with pytest.raises(MemoryError):
+        in_child(crash, out, True)
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in out.iterdir() if p.name != ".previous-run"
+    )
+    with pytest.raises(MemoryError):
+        in_child(crash, tmp_path / "new", False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_killed_overwrite_keeps_the_run_before_it(tmp_path: Path):
+    """The output folder's moves alone (`outputs.OutputSwap`): a run killed outright after
+    setting the previous run aside leaves `.previous-run/`; the next --overwrite discards the
+    killed run's partial outputs, keeps the earlier run aside and restores it if it fails too,
+    and deletes it once it saves something of its own. Files that are not the trainer's stay."""
+    from animatediff.errors import ConfigError
+    from animatediff.training.outputs import OutputSwap, check_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, text in (("metrics.jsonl", "old"), ("motion_module.safetensors", "old weights")):
+        (out / name).write_text(text)
+    (out / "notes.txt").write_text("mine")
+    original = _tree(out)
+    killed = OutputSwap(out, created=False)
+    assert killed.replace_previous() == ["metrics.jsonl", "motion_module.safetensors"]
+    (out / "metrics.jsonl").write_text("partial")  # ... and then SIGKILL: no roll-back
+    with pytest.raises(ConfigError, match="previous-run"):
+        check_output_dir(out, resume=False, overwrite=False)
+    retry = OutputSwap(out, created=False)
+    retry.replace_previous()
+    assert not (out / "metrics.jsonl").exists()
+    retry.roll_back()
+    assert _tree(out) == original
+    again = OutputSwap(out, created=False)
+    again.replace_previous()
+    (out / "metrics.jsonl").write_text("new")
+    again.commit()
+    assert _tree(out) == {"metrics.jsonl": b"new", "notes.txt": b"mine"}
 
 
 # -- 4. two processes == one ---------------------------------------------------------------------------
@@ -787,6 +1024,7 @@ def one_process_run(data: Data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # multi-process training
 def test_two_processes_match_one(data: Data, one_process_run: Path, tmp_path: Path):
     """Two gloo processes with batch 1 each == one process with batch 2.
 
@@ -834,6 +1072,7 @@ def test_two_processes_match_one(data: Data, one_process_run: Path, tmp_path: Pa
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow  # multi-process training
 def test_torchrun_on_cpu_is_one_distributed_run(data: Data, tmp_path: Path):
     """`torchrun --nproc_per_node 2` on a machine without a GPU: either one data-parallel run
     (one writer: one metrics line a step) or a clear error, never two independent trainings
@@ -877,6 +1116,7 @@ def readme_cpu_launch_command() -> tuple[dict[str, str], list[str]]:
     pytest.fail(f"{readme} documents no command for training with several CPU processes")
 
 
+@pytest.mark.slow  # multi-process training
 def test_readme_cpu_launch_command_runs_two_processes(
     data: Data, one_process_run: Path, tmp_path: Path
 ):
@@ -1018,9 +1258,13 @@ def test_bad_configs_fail_before_training_with_one_line(data: Data, tmp_path: Pa
         ),
         "empty-folder": ({"data": {"videos": str(data.empty)}}, ["empty"]),
         "too-many-frames": (
-            {"motion_module": str(data.motion_module), "data": {"num_frames": 40}},
+            {
+                "motion_module": str(data.motion_module),
+                "data": {"videos": str(data.long), "num_frames": 40},
+            },
             ["40", "32", "max_frames"],
         ),
+        "longer-than-the-clips": ({"data": {"num_frames": 40}}, ["data.num_frames", "40", "12"]),
         "lora-without-module": ({"stage": "motion_lora"}, ["motion_module"]),
         "nested-unknown": ({"train": {"lerning_rate": 1e-4}}, ["lerning_rate"]),
     }
@@ -1046,7 +1290,7 @@ def test_bad_configs_fail_before_training_with_one_line(data: Data, tmp_path: Pa
         cfg = config(
             "motion",
             tmp_path / "raised",
-            data.overfit,
+            data.long,
             motion_module=str(data.motion_module),
             motion_module_config={"max_frames": 48},
             data={"num_frames": 40},
@@ -1058,6 +1302,181 @@ def test_bad_configs_fail_before_training_with_one_line(data: Data, tmp_path: Pa
     assert not failures, "\n".join(failures)
 
 
+TYPE_MISTAKES = {  # YAML text of a `train:` or `data:` entry -> words the one-line error holds
+    "train: {steps: ten}": ["train.steps", "ten", "integer"],
+    "train: {batch_size: 0}": ["train.batch_size", "0", "at least 1"],
+    "train: {log_every: 0}": ["train.log_every", "at least 1"],
+    "train: {seed: []}": ["train.seed", "[]"],
+    "train: {learning_rate: .nan}": ["train.learning_rate", "finite"],
+    "train: {learning_rate: -.inf}": ["train.learning_rate", "finite"],
+    "train: {learning_rate: 1e999}": ["train.learning_rate", "finite"],
+    "data: {num_frames: 40}": ["data.num_frames", "40", "longer than the clips"],
+    "train: {noise: {offset_noise: nan}}": ["train.noise.offset_noise", "finite"],
+    "distill: {guidance_scale: [8, 2]}": ["distill.guidance_scale", "lo <= hi"],
+}
+
+
+def test_config_type_mistakes_exit_2_naming_the_key_before_any_model_loads(
+    data: Data, tmp_path: Path
+):
+    """Each mistake in a real YAML file through `animatediff train`: exit 2, one line naming the
+    key. The config's `base` does not exist: the mistake is reported before the model would have
+    failed to load. A config path that is a folder is one line too."""
+    failures = []
+    cases = {**TYPE_MISTAKES, "FOLDER": ["is a folder"]}
+    for i, (text, words) in enumerate(cases.items()):
+        cfg = config("motion", tmp_path / f"out{i}", data.overfit)
+        cfg["base"] = str(tmp_path / "no-such-base")
+        cfg_file = tmp_path / f"cfg{i}.yaml"
+        if text == "FOLDER":
+            cfg_file.mkdir()
+        else:
+            write_yaml(cfg_file, merged(cfg, yaml.safe_load(text)))
+        code, _, stderr = run_cli_main(["train", str(cfg_file)])
+        lines = stderr.strip().splitlines()
+        if not (code == 2 and len(lines) == 1 and all(w in lines[0] for w in words)):
+            failures.append(f"{text}: exit {code}, stderr {stderr!r}, wanted {words}")
+        if (tmp_path / f"out{i}").exists():
+            failures.append(f"{text}: output_dir was created")
+    assert not failures, "\n".join(failures)
+
+
+def test_numbers_written_as_yaml_strings_are_read(tmp_path: Path):
+    """`learning_rate: 1e-3` is a string to YAML (no dot): it must simply work, as must other
+    numbers given as strings; the file's values reach the config as numbers."""
+    from animatediff.training import load_config
+
+    text = """
+stage: motion
+output_dir: out
+data: {videos: clips, sample_size: "64", caption_dropout: "0.1"}
+train: {learning_rate: 1e-3, steps: "20", warmup_steps: 2, noise: {timesteps: ["100", 900]}}
+distill: {guidance_scale: 3}
+"""
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(text)
+    assert yaml.safe_load(text)["train"]["learning_rate"] == "1e-3"  # what YAML does
+    cfg = load_config(cfg_file)
+    assert cfg.train.learning_rate == 0.001 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.steps == 20 and cfg.data.sample_size == (64, 64)
+    assert cfg.data.caption_dropout == 0.1 and cfg.train.noise.timesteps == (100, 900)
+    assert cfg.distill.guidance_scale == (3.0, 3.0)
+
+
+# The fuzz test: configs built from the schema's own fields, with values of every kind.
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.sampled_from(["1e-3", "nan", "-inf", "1e999", "0", "-1", "7", "ten", "0x10", " 3 "]),
+    st.lists(st.one_of(st.integers(-5, 2000), st.floats(), st.text(max_size=3)), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+def _plausible(f) -> st.SearchStrategy:
+    """Values a user would write for field `f` (valid or near the limits)."""
+    meta = f.metadata
+    if "choices" in meta:
+        return st.sampled_from(list(meta["choices"]) + ["other"])
+    kind = meta.get("kind")
+    if kind is bool:
+        return st.booleans()
+    if kind is int:
+        lo, hi = meta.get("minimum", -3) - 1, min(meta.get("maximum", 5000), 5000) + 1
+        ints = st.integers(min_value=lo, max_value=hi)
+        return (
+            st.one_of(ints, st.lists(ints, min_size=1, max_size=3))
+            if meta.get("sequence")
+            else ints
+        )
+    if kind is float:
+        floats = st.floats(min_value=-1, max_value=40, allow_nan=False)
+        return (
+            st.one_of(floats, st.lists(floats, min_size=1, max_size=3))
+            if meta.get("sequence")
+            else floats
+        )
+    return st.text(max_size=8)
+
+
+@st.composite
+def _training_configs(draw) -> tuple[dict, set[str]]:
+    """A config dict and the dotted names of every key in it."""
+    import dataclasses
+
+    from animatediff.training.config import SECTIONS, STAGES, Config
+
+    def section(cls, where: str) -> dict:
+        fields = [f for f in dataclasses.fields(cls) if f.name not in SECTIONS]
+        chosen = draw(st.lists(st.sampled_from(fields), unique=True, max_size=4))
+        out = {}
+        for f in chosen:  # mostly what a user would write, sometimes anything at all
+            out[f.name] = draw(_JUNK if draw(st.sampled_from(range(8))) == 5 else _plausible(f))
+        if draw(st.sampled_from(range(40))) == 5:
+            out[draw(st.sampled_from(["lerning_rate", "num_frame", "x"]))] = 1
+        return out
+
+    cfg = {
+        "stage": draw(st.sampled_from([*STAGES, "video"])),
+        "output_dir": draw(st.sampled_from(["out", 3, None])),
+        "data": {"videos": "clips", **section(SECTIONS["data"], "data.")},
+        "motion_module": draw(st.sampled_from(["mm.safetensors", None])),
+        **section(Config, ""),
+    }
+    for name in ("train", "validation", "checkpoint", "distill", "motion_module_config"):
+        if draw(st.booleans()):
+            cfg[name] = section(SECTIONS[name], f"{name}.")
+    if draw(st.booleans()):
+        cfg.setdefault("train", {})["noise"] = section(SECTIONS["noise"], "train.noise.")
+    if draw(st.sampled_from(range(20))) == 5:
+        cfg[draw(st.sampled_from(["train", "data", "distill"]))] = draw(_JUNK)
+    keys = set()
+
+    def collect(d, prefix: str) -> None:
+        for k, v in d.items():
+            keys.add(f"{prefix}{k}")
+            if isinstance(v, dict) and k in (*SECTIONS, "noise"):
+                collect(v, f"{prefix}{k}.")
+
+    collect(cfg, "")
+    return cfg, keys
+
+
+STRUCTURAL = ("config needs", "data needs one of", "needs 'motion_module'", "must be a mapping")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_training_configs())
+def test_fuzz_training_config(case):
+    """Whatever the values: a valid config (every number finite, re-parsing it gives it back)
+    or a ConfigError of one line naming a key that is in the config."""
+    import math
+
+    from animatediff.errors import ConfigError
+    from animatediff.training import parse_config
+
+    cfg, keys = case
+    try:
+        parsed = parse_config(cfg)
+    except ConfigError as e:
+        message = str(e)
+        assert "\n" not in message
+        named = [k for k in keys if k in message]
+        assert named or any(s in message for s in STRUCTURAL), (message, sorted(keys))
+        return
+    numbers = [
+        parsed.train.learning_rate,
+        parsed.train.max_grad_norm,
+        *parsed.distill.guidance_scale,
+    ]
+    assert all(math.isfinite(x) for x in numbers)
+    assert parse_config(parsed.to_dict()) == parsed
+
+
+@pytest.mark.slow  # a real process
 def test_cli_malformed_yaml_exits_2_with_one_line(tmp_path: Path):
     """A real `animatediff train` process (the other bad configs go through `main()` above)."""
     bad_yaml = tmp_path / "bad.yaml"
@@ -1143,3 +1562,22 @@ def test_timestep_range_bounds_the_drawn_timesteps():
         diffusion_loss(predict, latents, make_noise_scheduler(noise), noise, gens)
         assert lo <= min(seen) and max(seen) < hi, (lo, hi, min(seen), max(seen))
     assert min(seen) < 300  # the default really spans the schedule
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin", "scheduler.bin"])
+def test_resume_never_runs_code_from_a_checkpoint(data: Data, tmp_path: Path, name: str):
+    """A checkpoint file replaced by a pickle whose loading would run code: `--resume` stops
+    with one line naming the file (exit 2), and the code never runs."""
+    from cli_helpers import write_evil
+
+    out = tmp_path / "run"
+    cfg = config("motion", out, data.overfit, steps=2, checkpoint={"every": 1, "keep": 5})
+    cfg_file = write_yaml(tmp_path / "cfg.yaml", cfg)
+    assert run_cli_main(["train", str(cfg_file)])[0] == 0
+    latest = max((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+    marker = tmp_path / "ran"
+    write_evil(latest / name, marker)
+    code, _, stderr = run_cli_main(["train", str(cfg_file), "--resume"])
+    lines = stderr.strip().splitlines()
+    assert not marker.exists(), "unpickling ran code"
+    assert code == 2 and len(lines) == 1 and name in lines[0], (code, stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import replace
 
@@ -27,7 +29,6 @@ from animatediff.world import (
     is_dynamic,
     make_clip,
     motion_alignment,
-    motion_clips,
     motion_smoothness,
     parse_caption,
     random_scene,
@@ -41,12 +42,12 @@ from animatediff.world import (
     track,
     watermark_score,
     web_video,
-    write_images,
-    write_videos,
 )
+from animatediff.world.datasets import motion_clips, write_images, write_videos
 from animatediff.world.detect import alignment_checks, displacement, object_mask
 from animatediff.world.domain import blur, watermark
 from animatediff.world.motion import DISTANCE, GROWTH, PAN, ZOOM
+from animatediff.world.pack import _carry_students
 from animatediff.world.scene import OBJECT_COLOURS, SHAPES
 
 SIZE = 64
@@ -331,3 +332,128 @@ def test_mix_frames_takes_frame_f_of_clip_i_from_clip_i_plus_f():
             assert mixed[i, 0, f, 0, 0] == 4 * ((i + f) % 3) + f
     with pytest.raises(ValueError, match="at least 2 clips"):
         coherence_losses(None, x[:1])
+
+
+# --- the build recipe and the caption probe -------------------------------------------------
+
+
+def test_recipe_is_valid_training_configs_and_pack_does_not_import_the_build(tmp_path):
+    import ast
+    from pathlib import Path
+
+    from animatediff.training import parse_config
+    from animatediff.world import build, pack, recipe
+
+    configs = recipe.stage_configs(tmp_path)
+    assert list(configs) == list(recipe.RESULTS)  # every run has a result the build waits for
+    for name, cfg in configs.items():
+        parsed = parse_config(cfg)
+        assert Path(parsed.output_dir).name == name, name
+    assert configs["base"]["train"]["train_text_encoder"]
+    motion = parse_config(configs[recipe.MOTION_RUN])
+    assert motion.train.noise.shared_noise == recipe.SHARED_NOISE > 0
+    for kind in recipe.MOTION_LORAS:  # they take the module's own prior
+        lora = parse_config(configs[f"motion-lora-{kind}"])
+        assert lora.train.noise.shared_noise is None and lora.motion_module.endswith(
+            f"{recipe.MOTION_RUN}/motion_module.safetensors"
+        )
+    # build runs pack (`--pack`); pack reads the recipe, not the build (no import cycle)
+    imports = {
+        module.__name__: [
+            n.module
+            for n in ast.walk(ast.parse(Path(module.__file__).read_text()))
+            if isinstance(n, ast.ImportFrom)
+        ]
+        for module in (build, pack)
+    }
+    assert "recipe" in imports[pack.__name__] and "build" not in imports[pack.__name__]
+
+
+def test_build_datasets_render_the_first_items_whatever_the_count(tmp_path):
+    from animatediff.world.build import datasets
+
+    sets = datasets()
+    assert {"images", "videos", "style-stripes", "motion-pan-left"} <= set(sets)
+    for name, first in (("style-stripes", "image_00000.png"), ("images", "image_00000.txt")):
+        _, write = sets[name]
+        write(tmp_path / name / "a", 1)
+        write(tmp_path / name / "b", 3)
+        a, b = (tmp_path / name / x / first for x in "ab")
+        assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_stills_can_carry_any_clip_kind_caption_of_their_first_frame(tmp_path):
+    """Half the stills (by the recipe's share) carry a caption of some clip kind, camera
+    kinds too; the scene, and so the image, is the one a static caption would describe."""
+    plain = write_images(tmp_path / "plain", 40, seed=3)
+    mixed = write_images(tmp_path / "mixed", 40, seed=3, motion_captions=0.5)
+    kinds = []
+    for a, b in zip(plain, mixed):
+        assert a.read_bytes() == b.read_bytes()  # the same image
+        static, text = (p.with_suffix(".txt").read_text().strip() for p in (a, b))
+        parsed, truth = parse_caption(text), parse_caption(static)
+        assert (parsed.objects, parsed.background) == (truth.objects, truth.background)
+        kinds.append(parsed.kind)
+    assert 10 <= sum(k != "static" for k in kinds) <= 30
+    assert {"move", "zoom-in", "pan-left"} <= set(kinds)
+
+
+def test_probe_captions_change_one_thing_each():
+    from animatediff.world.probe import SWAPPABLE, captions, probe_scenes
+
+    scenes = probe_scenes(20, seed=1)
+    assert scenes == probe_scenes(20, seed=1)
+    for scene in scenes:
+        (sprite,) = scene.sprites
+        assert sprite.colour in SWAPPABLE and scene.background in SWAPPABLE
+        kind = ("static", "move", "pan-left")[len(scene.background) % 3]
+        texts = {k: parse_caption(v) for k, v in captions(scene, kind).items()}
+        assert {t.kind for t in texts.values()} == {kind}
+        assert texts["true"].objects == ((sprite.colour, sprite.shape),)
+        assert texts["true"].background == scene.background
+        (colour, shape), background = texts["shape"].objects[0], texts["shape"].background
+        assert (colour, background) == (sprite.colour, scene.background) and shape != sprite.shape
+        assert texts["swap"].objects == ((scene.background, sprite.shape),)
+        assert texts["swap"].background == sprite.colour
+
+
+def test_probe_ratio_is_one_exactly_when_the_unet_ignores_the_text(tmp_path):
+    """With every cross-attention's output projection zeroed the UNet cannot see the caption:
+    both ratios are 1.0 at every timestep; the same model unchanged reads it (ratios move). A
+    trainer checkpoint loads on top of a base."""
+    from animatediff.builtin.model import random_model
+    from animatediff.checkpoints.base import load_base
+    from animatediff.checkpoints.io import save_state_dict
+    from animatediff.world.probe import caption_ratios, load_checkpoint
+
+    image = load_base(random_model().base)
+    reads = caption_ratios(image, images=4, timesteps=(300, 700))
+    assert any(abs(r - 1) > 1e-4 for v in reads.values() for r in v), reads
+    blind = {
+        f"unet2d.{k}": torch.zeros_like(v) if "attn2.to_out.0.weight" in k else v
+        for k, v in image.unet.state_dict().items()
+    }
+    (tmp_path / "step-1").mkdir()
+    save_state_dict(blind, tmp_path / "step-1" / "trainable.safetensors")
+    load_checkpoint(image, tmp_path / "step-1")
+    ratios = caption_ratios(image, images=4, timesteps=(300, 700))
+    assert all(r == pytest.approx(1.0, abs=1e-6) for v in ratios.values() for r in v), ratios
+
+
+def test_pack_keeps_a_student_of_the_packed_teacher_only(tmp_path):
+    """A repack carries the shipped few-step student over while its teacher is the packed motion
+    module, and drops it (it would sample wrongly) when the motion module changed."""
+    target = tmp_path / "data"
+    (target / "motion_modules").mkdir(parents=True)
+    (target / "motion_modules" / "s.safetensors").write_bytes(b"student")
+    entry = {"file": "motion_modules/s.safetensors", "steps": 4}
+    for teacher, kept in ((b"teacher", True), (b"another teacher", False)):
+        tmp = tmp_path / f"new-{kept}"
+        tmp.mkdir()
+        (tmp / "motion_module.safetensors").write_bytes(b"teacher")
+        entry["teacher_sha256"] = hashlib.sha256(teacher).hexdigest()
+        (target / "manifest.json").write_text(json.dumps({"motion_modules": {"s": entry}}))
+        manifest: dict = {"personal": {}, "motion_loras": {}}
+        _carry_students(target, tmp, manifest)
+        assert ("s" in manifest.get("motion_modules", {})) == kept
+        assert (tmp / entry["file"]).exists() == kept

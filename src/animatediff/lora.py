@@ -7,7 +7,8 @@ format parsers live in `animatediff.checkpoints.lora`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,16 +28,23 @@ class LoRAPair:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    def check_fits(self, weight_shape: torch.Size) -> None:
+        """Raise ValueError unless :meth:`delta` fits a weight of `weight_shape`, from the
+        shapes alone (the product, the costly part, is computed once, when merging)."""
+        (out, rank_up), (rank_down, inner) = self.up.flatten(1).shape, self.down.flatten(1).shape
+        if rank_up != rank_down:
+            raise ValueError(
+                f"up {tuple(self.up.shape)} and down {tuple(self.down.shape)} differ in rank"
+            )
+        if out * inner != torch.Size(weight_shape).numel():
+            raise ValueError(f"LoRA of shape {(out, inner)} does not fit {tuple(weight_shape)}")
+
     def delta(self, weight_shape: torch.Size) -> torch.Tensor:
         """The weight update, shaped like the target weight (Linear or Conv2d)."""
+        self.check_fits(weight_shape)
         up = self.up.flatten(1).float()
         down = self.down.flatten(1).float()
-        delta = (up @ down) * self.scale
-        if delta.numel() != torch.Size(weight_shape).numel():
-            raise ValueError(
-                f"LoRA of shape {tuple(delta.shape)} does not fit {tuple(weight_shape)}"
-            )
-        return delta.reshape(weight_shape)
+        return ((up @ down) * self.scale).reshape(weight_shape)
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -44,11 +52,6 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError as e:
         raise KeyError(path) from e
-
-
-def missing_targets(model: nn.Module, pairs: Mapping[str, LoRAPair]) -> list[str]:
-    names = dict(model.named_modules())
-    return [p for p in pairs if p not in names or not hasattr(names[p], "weight")]
 
 
 @torch.no_grad()
@@ -117,6 +120,7 @@ class LoRASet(nn.Module):
         self.layers = nn.ModuleDict({_key(p): layer for p, layer in (layers or {}).items()})
         self.strength = strength
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._model: nn.Module | None = None
 
     @classmethod
     def create(cls, model: nn.Module, targets: list[str], rank: int) -> LoRASet:
@@ -148,12 +152,14 @@ class LoRASet(nn.Module):
             raise RuntimeError("this LoRA is already attached")
         for path, layer in self.items():
             self._handles.append(get_module(model, path).register_forward_hook(self._hook(layer)))
+        self._model = model
         return self
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._model = None
 
     def _hook(self, layer: LoRALayer):
         def hook(module, args, output):
@@ -162,3 +168,30 @@ class LoRASet(nn.Module):
             return output + (layer(args[0]) * self.strength).to(output.dtype)
 
         return hook
+
+
+@contextlib.contextmanager
+def merged(sets: Iterable[LoRASet]) -> Iterator[None]:
+    """Within the block, the attached LoRA sets are merged into their model's weights
+    (`W += strength * delta`, their hooks off: no extra work per call); on exit the original
+    weights are copied back and the hooks re-attached, so they stay removable and re-weightable."""
+    active = [s for s in sets if s.attached]
+    originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for lora in active:
+            for path, layer in lora.items():
+                weight = get_module(lora._model, path).weight
+                originals.setdefault(id(weight), (weight, weight.detach().clone()))
+                delta = lora.strength * layer.pair().delta(weight.shape)
+                weight += delta.to(weight.device, weight.dtype)
+    models = [(lora, lora._model) for lora in active]
+    for lora in active:
+        lora.detach()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in originals.values():
+                weight.copy_(original)
+        for lora, model in models:
+            lora.attach(model)

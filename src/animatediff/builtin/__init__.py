@@ -1,23 +1,21 @@
-"""The built-in default model, so that the first command works with nothing downloaded.
+"""The built-in default model's files and names, so the first command works with nothing
+downloaded (light: no torch; the CLI checks names with it before loading anything).
 
 The package ships a miniature world's models in `builtin/data/` (built by
 `python -m animatediff.world.build`, see the README): a tiny Stable-Diffusion-1.5-architecture
-base, a motion module, a domain adapter, personal styles and MotionLoRAs, found by name through
-`manifest()`. Without them (a source tree without the data), the default is a tiny model with
-*random* weights, built in code from a fixed seed on first use and cached: it exercises every
-code path, but its animations are coloured noise.
+base, a motion module, a domain adapter, personal styles, MotionLoRAs and a few-step student of
+the motion module, found by name through `manifest()`. `builtin.model` resolves the default model: the shipped one, or (a source tree
+without the data) a tiny model with *random* weights built in code from a fixed seed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ..errors import UsageError
 
 PACKAGE_DATA = Path(__file__).parent / "data"
 BUILD_VERSION = "random-v1"
@@ -38,16 +36,19 @@ class BuiltinModel:
 
 def manifest() -> dict:
     """The shipped extras by name: `personal` styles (kind `checkpoint`: a single-file model;
-    `lora`: a kohya LoRA) and `motion_loras`; empty when only the random model exists."""
+    `lora`: a kohya LoRA), `motion_loras` and `motion_modules` (few-step students distilled from
+    the built-in motion module: `file`, `steps`, and `adapter` when an image-layer LoRA was
+    distilled with it); empty when only the random model exists."""
     file = PACKAGE_DATA / "manifest.json"
-    return json.loads(file.read_text()) if file.exists() else {"personal": {}, "motion_loras": {}}
+    data = json.loads(file.read_text()) if file.exists() else {}
+    return {"personal": {}, "motion_loras": {}, "motion_modules": {}, **data}
 
 
 def _named(section: str, name: str, what: str) -> dict:
     entries = manifest().get(section, {})
     if name not in entries:
         known = ", ".join(entries) or "none (the built-in model is not installed)"
-        raise ValueError(f"no built-in {what} named {name!r}; built-in: {known}")
+        raise UsageError(f"no built-in {what} named {name!r}; built-in: {known}")
     return {**entries[name], "path": PACKAGE_DATA / entries[name]["file"]}
 
 
@@ -69,6 +70,32 @@ def motion_lora_file(name_or_path: str) -> str:
     return name_or_path
 
 
+def motion_module(name: str) -> tuple[Path, Path | None]:
+    """(motion module, its image-layer LoRA or None) of a built-in few-step motion module."""
+    entry = _named("motion_modules", name, "motion module")
+    lora = entry.get("adapter")
+    return entry["path"], None if lora is None else PACKAGE_DATA / lora
+
+
+def named_motion_module(spec, adapter=None) -> tuple:
+    """`(motion_module, adapter)` as `AnimationPipeline.load` takes them, with a built-in motion
+    module's name (`animatediff models`) replaced by its file and, when it was distilled with an
+    image-layer LoRA, that LoRA as the adapter at scale 1 (as `animatediff evaluate
+    --student-adapter` loads it). An existing path, another name or an object: unchanged.
+    UsageError: the named module brings its LoRA and another adapter was given."""
+    if not isinstance(spec, str) or Path(spec).exists() or spec not in manifest()["motion_modules"]:
+        return spec, adapter
+    path, lora = motion_module(spec)
+    if lora is None:
+        return str(path), adapter
+    if adapter is not None:
+        raise UsageError(
+            f"the built-in motion module {spec!r} brings its image-layer LoRA as the adapter; "
+            f"it cannot be combined with another adapter"
+        )
+    return str(path), (str(lora), 1.0)
+
+
 def adapter() -> Path | None:
     """The built-in domain adapter (the motion module was trained with it applied)."""
     path = PACKAGE_DATA / "domain_adapter.safetensors"
@@ -83,41 +110,16 @@ def baseline() -> tuple[Path, Path] | None:
     return folder / "unet", folder / "motion_module.safetensors"
 
 
+def shipped() -> BuiltinModel | None:
+    """The shipped trained model's paths, or None when the package has no data."""
+    if (PACKAGE_DATA / "base" / "model_index.json").exists():
+        return BuiltinModel(PACKAGE_DATA / "base", PACKAGE_DATA / "motion_module.safetensors", True)
+    return None
+
+
 def cache_dir() -> Path:
     root = os.environ.get("ANIMATEDIFF_CACHE") or Path.home() / ".cache" / "animatediff"
     return Path(root) / f"builtin-{BUILD_VERSION}"
-
-
-def builtin_model() -> BuiltinModel:
-    """Paths of the default model: the shipped trained one if present, else the random one."""
-    if (PACKAGE_DATA / "base" / "model_index.json").exists():
-        return BuiltinModel(PACKAGE_DATA / "base", PACKAGE_DATA / "motion_module.safetensors", True)
-    return random_model()
-
-
-def random_model() -> BuiltinModel:
-    """The tiny random model, built in code (seeded) and cached, whatever ships: for tests that
-    need some SD1.5-architecture model but not a trained one."""
-    target = cache_dir()
-    if not (target / "motion_module.safetensors").exists():
-        _build_atomically(target)
-    return BuiltinModel(target / "base", target / "motion_module.safetensors", False)
-
-
-def _build_atomically(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        build_random_model(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "motion_module.safetensors").exists():
-                raise
-            shutil.rmtree(tmp)  # another process built it meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _byte_chars() -> list[str]:
@@ -161,71 +163,3 @@ def write_word_tokenizer(folder: Path, words: tuple[str, ...] = WORDS) -> None:
             }
         )
     )
-
-
-def tiny_text_encoder(tokenizer):
-    """A 2-layer, 32-wide CLIP text encoder for a word tokenizer (random weights)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=1,
-        )
-    )
-
-
-def build_random_model(folder: Path) -> None:
-    """A tiny SD1.5-architecture model folder plus a v3-layout motion module, seeded."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    from ..checkpoints.motion import save_motion_module
-    from ..motion import MotionModuleConfig, MotionModules
-    from ..pipeline.schedulers import ANIMATEDIFF_SCHEDULE
-
-    torch.manual_seed(SEED)
-    base = folder / "base"
-    write_word_tokenizer(base / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    tiny_text_encoder(tokenizer).save_pretrained(base / "text_encoder")
-    channels = (32, 64, 64, 64)
-    UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=channels,
-        layers_per_block=2,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        down_block_types=(
-            "DownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    ).save_pretrained(base / "unet")
-    AutoencoderKL(
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    ).save_pretrained(base / "vae")
-    DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(base / "scheduler")
-    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    config = MotionModuleConfig.preset("v3", block_out_channels=channels, zero_init=False)
-    motion = MotionModules(config)
-    with torch.no_grad():  # small random outputs so the motion modules visibly act
-        for _, module in motion.named_temporal_modules():
-            module.temporal_transformer.proj_out.weight.mul_(0.1)
-    save_motion_module(motion, folder / "motion_module.safetensors")

@@ -1,9 +1,5 @@
-"""Reading, checking and converting every kind of weight file the project uses.
-
-`io` (safe file I/O, torch only) is imported here; the format modules (`motion`, `lora`, `base`,
-`adapters`, `detect`) are imported where used, as they pull in diffusers and transformers.
+"""Reading, checking and converting every kind of weight file the project uses: safe file I/O
+(`io`), motion modules, LoRAs and adapters, base and single-file models, textual inversions,
+`detect`ion of what a file is, exports, and weights by name from the Hugging Face Hub (`hub`,
+torch-free, so the command line can resolve names before loading anything).
 """
-
-from .io import CheckpointError, load_state_dict, read_metadata, save_state_dict
-
-__all__ = ["CheckpointError", "load_state_dict", "read_metadata", "save_state_dict"]

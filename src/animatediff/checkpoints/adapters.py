@@ -25,22 +25,49 @@ def check_targets(model: nn.Module, pairs: Mapping[str, LoRAPair], path, what: s
     misfit = []
     for target, pair in pairs.items():
         try:
-            pair.delta(modules[target].weight.shape)
+            pair.check_fits(modules[target].weight.shape)
         except ValueError as e:
             misfit.append(f"{target} ({e})")
     if misfit:
         raise CheckpointError(path, f"{what} does not fit this model: {first_keys(misfit)}")
 
 
+# The weights file of a LoRA folder: diffusers' MotionLoRA converter and the Hub's
+# `animatediff-motion-lora-*` repos use the first name, diffusers' LoRA savers the second.
+LORA_FOLDER_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_lora_weights.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_lora_weights.bin",
+)
+
+
+def lora_file(path: str | Path) -> Path:
+    """A LoRA file, or the weights file of a folder holding one (as diffusers writes them)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in LORA_FOLDER_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(
+        path, f"a folder without a LoRA weights file ({', '.join(LORA_FOLDER_FILES[:2])})"
+    )
+
+
 def attention_lora_pairs(model: nn.Module, path: str | Path, what: str) -> dict[str, LoRAPair]:
-    """An official/diffusers-format LoRA (MotionLoRA, domain adapter), checked against `model`."""
+    """An official/diffusers-format LoRA (MotionLoRA, domain adapter), checked against `model`;
+    `path` may be a file or a folder holding one."""
+    path = lora_file(path)
     pairs = parse_attention_lora(load_state_dict(path), str(path))
     check_targets(model, pairs, path, what)
     return pairs
 
 
 def apply_image_lora(image: ImageModel, path: str | Path, strength: float, scaling: str) -> None:
-    """Merge an image LoRA (kohya, or diffusers attention format) into UNet and text encoder."""
+    """Merge an image LoRA (kohya, or diffusers attention format; a file or a folder holding
+    one) into UNet and text encoder."""
+    path = lora_file(path)
     sd = load_state_dict(path)
     if is_kohya(sd):
         unet_pairs, text_pairs = parse_kohya_lora(

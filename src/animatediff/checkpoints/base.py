@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..schedule import ANIMATEDIFF_SCHEDULE
 from .io import CheckpointError, check_keys, first_keys, load_state_dict
+from .sd_folder import check_base_folder
 
 LDM_UNET = "model.diffusion_model."
 LDM_VAE = "first_stage_model."
@@ -31,19 +36,52 @@ class ImageModel:
     source: str  # where the base configs came from: a folder or a hub id
 
 
+# What loading a part of a folder raises when the folder, not the program, is at fault.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError)
+
+
 def load_base(base: str | Path, dtype: torch.dtype = torch.float32) -> ImageModel:
-    """A diffusers SD1.5 folder, or a hub id (downloaded once when online)."""
+    """A diffusers SD1.5 folder, or a hub id (downloaded once when online). A folder is checked
+    first (`sd_folder.check_base_folder`); pickled weights load only if they are plain tensors."""
     base = str(base)
-    if not Path(base).exists() and (base.startswith((".", "/")) or base.count("/") != 1):
+    if Path(base).exists():
+        check_base_folder(base)
+        for part in ("unet", "vae", "text_encoder"):
+            check_pickled_weights(Path(base) / part)
+    elif base.startswith((".", "/")) or base.count("/") != 1:
         raise FileNotFoundError(f"base model not found: {base} (a diffusers folder or a hub id)")
     kw = dict(torch_dtype=dtype)
     return ImageModel(
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kw),
-        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **kw),
-        unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw),
+        tokenizer=_part(CLIPTokenizer, base, "tokenizer"),
+        text_encoder=_part(CLIPTextModel, base, "text_encoder", **kw),
+        vae=_part(AutoencoderKL, base, "vae", **kw),
+        unet=_part(UNet2DConditionModel, base, "unet", **kw),
         source=base,
     )
+
+
+def _part(cls, base: str, part: str, **kw):
+    try:
+        return cls.from_pretrained(base, subfolder=part, **kw)
+    except _LOAD_ERRORS as e:
+        where = Path(base) / part if Path(base).exists() else f"{base} ({part})"
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(where, f"cannot be loaded: {message}") from e
+
+
+def check_pickled_weights(folder: str | Path) -> None:
+    """A model folder whose only weights are pickles (`.bin`, `.pt`): read them with the safe
+    loader first, which refuses code with a clear message (diffusers' and transformers'
+    loaders refuse it too, with a message that names neither the file nor the reason)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    files = list(folder.iterdir())
+    if any(f.suffix == ".safetensors" for f in files):
+        return
+    for file in files:
+        if file.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            load_state_dict(file)
 
 
 def _split(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -118,18 +156,39 @@ def load_vae_file(model: ImageModel, path: str | Path) -> None:
     model.vae.load_state_dict(sd)
 
 
+def save_base_folder(folder: str | Path, model: ImageModel) -> Path:
+    """Write `model` as a diffusers SD1.5 folder (every part, AnimateDiff's DDIM scheduler and
+    `model_index.json`), the layout `load_base` and diffusers' pipelines read."""
+    folder = Path(folder)
+    for name in ("tokenizer", "text_encoder", "vae", "unet"):
+        getattr(model, name).save_pretrained(folder / name)
+    save_pipeline_files(folder)
+    return folder
+
+
+def save_pipeline_files(folder: str | Path) -> None:
+    """AnimateDiff's DDIM scheduler and the `model_index.json` that make a folder of SD1.5
+    parts (tokenizer, text_encoder, vae, unet) a diffusers folder."""
+    folder = Path(folder)
+    DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
 def save_diffusers_folder(
     single_file: str | Path, base: str | Path, output: str | Path, overwrite: bool = False
 ) -> Path:
     """Convert a single-file checkpoint into a diffusers SD1.5 folder (configs and tokenizer
     from `base`), written under a temporary name and renamed into place."""
-    import shutil
-    import tempfile
-
-    from diffusers import DDIMScheduler
-
-    from ..pipeline.schedulers import ANIMATEDIFF_SCHEDULE
-
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists (use --overwrite)")
@@ -138,18 +197,7 @@ def save_diffusers_folder(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        for name in ("tokenizer", "text_encoder", "vae", "unet"):
-            getattr(model, name).save_pretrained(tmp / name)
-        DDIMScheduler(**ANIMATEDIFF_SCHEDULE).save_pretrained(tmp / "scheduler")
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        save_base_folder(tmp, model)
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)

@@ -1,4 +1,5 @@
-"""What a weight file is: kind, version, dtype, size (for `animatediff inspect`)."""
+"""What a weight file is: kind, version, dtype, size (for `animatediff inspect`), and which
+published release it is (AnimateDiff-Lightning, AnimateLCM) with the sampler it expects."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import torch
 
 from .base import LDM_TEXT, LDM_UNET, LDM_VAE
-from .io import describe_dtypes, load_state_dict
+from .fewstep import I2V_UNSUPPORTED, Release, lora_release, motion_release
+from .io import describe_dtypes, load_state_dict, read_metadata
 from .lora import OFFICIAL_KEY, PEFT_KEY, is_kohya
 from .motion import DIFFUSERS_WEIGHTS, is_motion_state_dict, read_motion_checkpoint
 
@@ -42,9 +44,25 @@ def _describe_folder(path: Path) -> dict:
     return {"file": str(path), "kind": "unknown folder"}
 
 
+def release_facts(release: Release | None) -> dict:
+    """`release`, how it was recognised, and the sampler its authors use (empty if none)."""
+    if release is None:
+        return {}
+    facts = {"release": release.name, "release_from": release.source}
+    if not release.supported:
+        facts["supported"] = False
+    if release.preset:
+        facts["preset"] = release.preset
+        facts["sampler"] = release.sampler
+    if release.steps:
+        facts["steps"] = release.steps
+    return facts
+
+
 def _motion_facts(ckpt) -> dict:
     c = ckpt.config
     return {
+        **release_facts(ckpt.release),
         "version": c.version,
         "version_from": ckpt.version_source,
         "layout": ckpt.layout,
@@ -53,6 +71,7 @@ def _motion_facts(ckpt) -> dict:
         "mid_block": c.mid_block,
         "groupnorm": "over all frames" if c.groupnorm_across_frames else "per frame",
         "stored_pe_length": ckpt.stored_pe_length,
+        "max_frames": c.max_frames,
         "block_out_channels": list(c.block_out_channels),
     }
 
@@ -63,6 +82,7 @@ def _classify(path: Path, sd: dict[str, torch.Tensor]) -> dict:
         ranks = sorted({v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")})
         return {
             "kind": "image LoRA (kohya)",
+            **release_facts(lora_release(path, read_metadata(path))),
             "ranks": ranks,
             "layers": sum(k.endswith("lora_down.weight") for k in keys),
         }
@@ -80,6 +100,9 @@ def _classify(path: Path, sd: dict[str, torch.Tensor]) -> dict:
             "kind": "SparseCtrl / motion ControlNet",
             "condition_channels": sd["conv_in.weight"].shape[1] if "conv_in.weight" in sd else None,
         }
+    if is_motion_state_dict(sd) and any(k.startswith("img_encoder.") for k in keys):
+        release = motion_release(path, {}, img_encoder=True)
+        return {"kind": "motion module", **release_facts(release), "note": I2V_UNSUPPORTED}
     if is_motion_state_dict(sd):
         return {"kind": "motion module", **_motion_facts(read_motion_checkpoint(path))}
     if any(k.startswith(LDM_UNET) for k in keys):
@@ -93,6 +116,12 @@ def _classify(path: Path, sd: dict[str, torch.Tensor]) -> dict:
             "kind": "single-file SDXL checkpoint" if sdxl else "single-file SD checkpoint",
             "parts": parts,
         }
-    if any(k.startswith(("encoder.", "decoder.", LDM_VAE)) for k in keys):
+    if any(k.startswith(("decoder.", LDM_VAE + "decoder.")) for k in keys):
         return {"kind": "VAE"}
+    for prefix, kind in (
+        ("vision_model.", "CLIP image encoder"),
+        ("text_model.", "CLIP text encoder"),
+    ):
+        if any(k.startswith(prefix) for k in keys):
+            return {"kind": kind}
     return {"kind": "unknown"}

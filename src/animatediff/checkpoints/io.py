@@ -1,4 +1,5 @@
-"""Reading and writing weight files: the one place the project touches checkpoints on disk.
+"""Reading and writing weight files safely: `load_state_dict` (and `load_object` for nested
+pickles) for every weight file the project reads, `save_state_dict` for those it writes.
 
 Checkpoints come from the internet, so loading never executes code: safetensors files are
 plain data, and pickles (``.ckpt``/``.pt``/``.pth``/``.bin``) go through
@@ -15,6 +16,7 @@ import re
 import stat
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -24,12 +26,16 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from ..errors import CheckpointError, first_keys
+from .kinds import sniff_format, unknown_format_reason
+
 __all__ = [
     "CheckpointError",
     "check_keys",
     "describe_dtypes",
     "dtype_name",
     "first_keys",
+    "load_object",
     "load_state_dict",
     "read_metadata",
     "save_state_dict",
@@ -66,19 +72,6 @@ _DTYPE_NAMES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A weight file is missing, unreadable, corrupt, unsafe, or not what it claims to be."""
-
-    def __init__(self, path: StrPath, message: str) -> None:
-        self.path = os.fspath(path)
-        self.message = message
-        super().__init__(f"{self.path}: {message}")
-
-    def __reduce__(self) -> tuple[type[CheckpointError], tuple[str, str]]:
-        # Keep the two-argument constructor working across pickling (e.g. multiprocessing).
-        return (type(self), (self.path, self.message))
-
-
 def _invalid(path: StrPath, reason: str) -> CheckpointError:
     return CheckpointError(path, f"not a valid checkpoint ({reason})")
 
@@ -103,16 +96,6 @@ def describe_dtypes(sd: Mapping[str, torch.Tensor]) -> str:
     return f"mixed ({', '.join(names)})"
 
 
-def first_keys(keys: Iterable[str], n: int = 5) -> str:
-    """Format the first ``n`` keys (sorted) for an error message, noting how many were left out."""
-    items = sorted(str(k) for k in keys)
-    if not items:
-        return "(none)"
-    shown = ", ".join(items[:n])
-    extra = len(items) - n
-    return f"{shown}, ... and {extra} more" if extra > 0 else shown
-
-
 def _count(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
@@ -130,7 +113,7 @@ def load_state_dict(path: StrPath, device: str | torch.device = "cpu") -> dict[s
     ``{"state_dict": ...}`` and ``module.`` prefixes are removed (see :func:`unwrap_state_dict`).
     """
     file = _existing_file(path)
-    kind = _sniff(file)
+    kind = sniff_format(file)
     raw = _load_safetensors(file) if kind == "safetensors" else _load_pickle(file, kind)
     sd = unwrap_state_dict(raw, file)
     # Loaded on the CPU first so that a bad `device` surfaces as its own error, not as a
@@ -141,10 +124,22 @@ def load_state_dict(path: StrPath, device: str | torch.device = "cpu") -> dict[s
     return {k: v.to(target) for k, v in sd.items()}
 
 
+def load_object(path: StrPath, allowed: Iterable[type] = ()) -> object:
+    """Load a weight file's object as saved (nested dicts, tensors, numbers, strings), as safely
+    as :func:`load_state_dict` and without flattening it. ``allowed`` names extra classes the safe
+    unpickler may rebuild (data-only classes such as ``torch.nn.ParameterDict``)."""
+    file = _existing_file(path)
+    kind = sniff_format(file)
+    if kind == "safetensors":
+        return _load_safetensors(file)
+    with torch.serialization.safe_globals(list(allowed)):
+        return _load_pickle(file, kind)
+
+
 def read_metadata(path: StrPath) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file; ``{}`` for pickles and files without any."""
     file = _existing_file(path)
-    if _sniff(file) != "safetensors":
+    if sniff_format(file) != "safetensors":
         return {}
     meta = _read_safetensors_header(file).get("__metadata__") or {}
     if not isinstance(meta, dict):
@@ -157,11 +152,13 @@ def unwrap_state_dict(obj: object, path: StrPath) -> dict[str, torch.Tensor]:
 
     Accepts a flat dict or one wrapped (once or twice) under ``state_dict``/``module``/``model``/
     ``controlnet``; drops non-tensor entries (``global_step``, ``epoch``, ...) and strips a
-    ``module.`` or ``_orig_mod.`` prefix shared by every key.
+    ``module.`` or ``_orig_mod.`` prefix shared by every key. A dict of groups of tensors and
+    nothing else, such as IP-Adapter's ``{"image_proj": {...}, "ip_adapter": {...}}``, becomes
+    ``{"image_proj.<key>": ..., "ip_adapter.<key>": ...}``, the layout of its safetensors files.
     """
     if not isinstance(obj, Mapping):
         raise _invalid(path, f"it holds a {type(obj).__name__}, not a dict of tensors")
-    found = _find_tensor_dict(obj, depth=0)
+    found = _find_tensor_dict(obj, depth=0) or _flatten_groups(obj)
     if found is None:
         keys = first_keys(str(k) for k in obj)
         raise _invalid(path, f"it holds no tensors; top-level keys: {keys}")
@@ -182,6 +179,18 @@ def _find_tensor_dict(obj: Mapping[object, object], depth: int) -> Mapping[objec
     if any(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     return None
+
+
+def _flatten_groups(obj: Mapping[object, object]) -> dict[str, torch.Tensor] | None:
+    """``{"group": {"key": tensor}}`` -> ``{"group.key": tensor}``, for dicts holding only groups."""
+    groups = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Mapping)}
+    flat = {
+        f"{group}.{key}": value
+        for group, inner in groups.items()
+        for key, value in inner.items()
+        if isinstance(key, str) and isinstance(value, torch.Tensor)
+    }
+    return flat or None
 
 
 def _strip_common_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -209,23 +218,6 @@ def _existing_file(path: StrPath) -> Path:
     if st.st_size == 0:
         raise _invalid(file, "file is empty")
     return file
-
-
-def _sniff(file: Path) -> str:
-    """Classify by content: "safetensors", "zip" (torch.save), "pickle" (legacy) or "unknown"."""
-    try:
-        with file.open("rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise CheckpointError(file, f"cannot read file ({e.strerror or e})") from e
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
-        return "pickle"
-    # safetensors: 8-byte little-endian header length, then a JSON object.
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    return "unknown"
 
 
 def _read_safetensors_header(file: Path) -> dict[str, object]:
@@ -287,27 +279,22 @@ def _load_pickle(file: Path, kind: str) -> object:
         raise _invalid(file, "truncated or corrupt zip archive")
     try:
         # A file object, not a path: torch.load routes "*.safetensors" paths by suffix.
-        with file.open("rb") as f:
+        with file.open("rb") as f, warnings.catch_warnings():
+            # torch notes a protocol-4 pickle before refusing it: the refusal says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if kind == "unknown":
-            raise _invalid(file, _unknown_format_reason(file)) from None
+            raise _invalid(file, unknown_format_reason(file)) from None
         # `from None`: torch's own message advises weights_only=False, which is the unsafe path.
         raise _refused(file, str(e)) from None
     except MemoryError:
         raise
     except Exception as e:  # torch reports corruption through many unrelated exception types
         if kind == "unknown":
-            raise _invalid(file, _unknown_format_reason(file)) from e
+            raise _invalid(file, unknown_format_reason(file)) from e
         what = "PyTorch zip checkpoint" if kind == "zip" else "pickle"
         raise _invalid(file, f"truncated or corrupt {what}: {type(e).__name__}: {e}") from e
-
-
-def _unknown_format_reason(file: Path) -> str:
-    reason = "unrecognised content: not safetensors, a PyTorch zip archive or a pickle"
-    if file.suffix.lower() == ".safetensors":
-        reason = "no safetensors header; " + reason
-    return reason
 
 
 def _refused(file: Path, torch_message: str) -> CheckpointError:

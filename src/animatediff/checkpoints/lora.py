@@ -24,6 +24,7 @@ KOHYA_SCALINGS = ("kohya", "official")
 
 OFFICIAL_KEY = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 PEFT_KEY = re.compile(r"^(.*)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)\.weight$")
+# diffusers' motion-module names and the original ones, read in both directions.
 _MOTION_DIFFUSERS = (
     (".norm1.", ".norms.0."),
     (".norm2.", ".norms.1."),
@@ -40,6 +41,15 @@ def motion_path_from_diffusers(path: str) -> str:
     path = re.sub(r"(\.motion_modules\.\d+)\.", r"\1.temporal_transformer.", path + ".")
     for new, old in _MOTION_DIFFUSERS:
         path = path.replace(new, old)
+    return path.rstrip(".")
+
+
+def motion_path_to_diffusers(path: str) -> str:
+    """The inverse of `motion_path_from_diffusers`: an original motion-module name or key ->
+    diffusers'."""
+    path = path.replace(".temporal_transformer.", ".") + "."
+    for new, old in _MOTION_DIFFUSERS:
+        path = path.replace(old, new)
     return path.rstrip(".")
 
 

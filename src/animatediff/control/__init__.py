@@ -1,8 +1,14 @@
 """Control: SparseCtrl keyframe encoders and standard ControlNets, as residuals for the UNet."""
 
-from .controlnet import ControlNetInput, load_controlnet
+from .controlnet import ControlNetInput, controlnet_inputs, load_controlnet
 from .residuals import Residuals, active
-from .sparsectrl import SparseControlNet, SparseCtrlInput, load_sparsectrl, sparse_condition
+from .sparsectrl import (
+    SparseControlNet,
+    SparseCtrlInput,
+    load_sparsectrl,
+    sparse_condition,
+    sparsectrl_input,
+)
 
 __all__ = [
     "ControlNetInput",
@@ -10,9 +16,12 @@ __all__ = [
     "SparseControlNet",
     "SparseCtrlInput",
     "active",
+    "controlnet_inputs",
     "load_controlnet",
     "load_sparsectrl",
     "sparse_condition",
+    "sparsectrl_input",
+    "total_residuals",
 ]
 
 

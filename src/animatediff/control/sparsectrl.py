@@ -12,7 +12,7 @@ the encoder sees zeros there, so only the condition, the timestep and the text d
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +22,12 @@ from torch import nn
 
 from ..checkpoints.io import CheckpointError, check_keys, load_state_dict
 from ..motion.config import MotionModuleConfig
+from ..motion.frames import fold_frames, per_frame_inputs, select_frames, unfold_frames
 from ..motion.module import MotionModules
-from ..motion.unet import MotionUNet, fold_frames, per_frame_inputs
+from ..motion.unet import BlockInputs, FrameWindow, MotionUNet, time_embedding
+from ..options import OptionError
 from ..vae import encode_frames
+from ..video.inputs import as_frames
 from .controlnet import EMBEDDING, embedding_channels
 from .residuals import Residuals, active
 
@@ -50,23 +53,35 @@ class SparseControlNet(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        condition: torch.Tensor,
-        mask: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         scale: float = 1.0,
+        windows: Sequence[FrameWindow] | None = None,
+        embedded: torch.Tensor | None = None,
     ) -> Residuals:
+        """diffusers' ControlNet forward on a zero sample, with the motion modules in its down
+        blocks (over `windows` of frames when given: "views"). The condition goes in as
+        `condition` and `mask` (b, c, f, h, w), or already through the condition embedding
+        (`embedded`, frames folded: see :meth:`embed`), which does not change between steps."""
         b, _, f, _, _ = sample.shape
-        t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device)
-        cond = fold_frames(torch.cat([condition, mask], dim=1).to(sample.dtype))
-        with self.net.video(f):
-            down, mid = self.net.unet(
-                torch.zeros_like(fold_frames(sample)),
-                t,
-                text,
-                controlnet_cond=cond,
-                conditioning_scale=scale,
-                return_dict=False,
-            )
-        return Residuals(list(down), mid)
+        shared = self.net.shares_text()  # text per video: projected once per video
+        t, text = per_frame_inputs(timestep, encoder_hidden_states, b, f, sample.device, shared)
+        host = self.net.unet
+        x = torch.zeros_like(fold_frames(sample))
+        if embedded is None:
+            embedded = self.embed(condition, mask, sample.dtype)
+        call = self.net.call(f, 1.0, windows, b * f)
+        inputs = BlockInputs(time_embedding(host, x, t), text, None, call)
+        x = host.conv_in(x) + embedded
+        x, skips = self.net.down(x, inputs)
+        x = self.net.mid(x, inputs)
+        down = [block(s) * scale for s, block in zip(skips, host.controlnet_down_blocks)]
+        return Residuals(down, host.controlnet_mid_block(x) * scale)
+
+    def embed(self, condition: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype):
+        """The condition embedding of `condition` and `mask` (b, c, f, h, w): ((b f), c', h, w)."""
+        cond = fold_frames(torch.cat([condition, mask], dim=1).to(dtype))
+        return self.net.unet.controlnet_cond_embedding(cond)
 
 
 def load_sparsectrl(path: str | Path, unet: UNet2DConditionModel) -> SparseControlNet:
@@ -120,14 +135,6 @@ class SparseCondition:
     condition: torch.Tensor  # (b, c, f, h, w)
     mask: torch.Tensor  # (b, 1, f, h, w)
 
-    def frames(self, frames: list[int], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The condition for these frames, repeated to `batch` videos (guidance doubles it)."""
-        repeat = batch // self.condition.shape[0]
-        return (
-            self.condition[:, :, frames].repeat(repeat, 1, 1, 1, 1),
-            self.mask[:, :, frames].repeat(repeat, 1, 1, 1, 1),
-        )
-
 
 def sparse_condition(
     model: SparseControlNet,
@@ -143,16 +150,16 @@ def sparse_condition(
     (posterior mean, or a sample), scaled like the latents; scribble: pixels as they are."""
     b, _, k, _, _ = images.shape
     if k != len(frames):
-        raise ValueError(f"{k} control images for {len(frames)} control frames")
+        raise OptionError(f"{k} control images for {len(frames)} control frames")
     if any(not -num_frames <= i < num_frames for i in frames):
-        raise ValueError(f"control frames {frames} outside a {num_frames}-frame video")
+        raise OptionError(f"control frames {frames} outside a {num_frames}-frame video")
     frames = [int(i) % num_frames for i in frames]
     if model.latent:
         keys = encode_frames(vae, images, sample_posterior, generator)
     else:
         keys = images
     if keys.shape[1] != model.condition_channels:
-        raise ValueError(
+        raise OptionError(
             f"the SparseCtrl encoder takes {model.condition_channels}-channel conditions, "
             f"got {keys.shape[1]}"
         )
@@ -167,20 +174,60 @@ def sparse_condition(
 
 @dataclass
 class SparseCtrlInput:
-    """A SparseCtrl encoder with its keyframe condition for one generation."""
+    """A SparseCtrl encoder with its keyframe condition for one generation. The condition's
+    embedding is computed at the first step, for every frame, and reused (it does not depend
+    on the step)."""
 
     model: SparseControlNet
     condition: SparseCondition
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    embedded: torch.Tensor | None = None  # (b, c', f, h, w): every frame's embedding
 
     def residuals(self, sample, t, text, frames, step, num_steps, windows=None) -> Residuals | None:
         """Residuals for `sample` (b, c, len(frames), h, w), the video's `frames`; with
         `windows` ("views") its motion modules see those frame windows."""
         if self.scale == 0 or not active(step, num_steps, self.start, self.end):
             return None
-        condition, mask = self.condition.frames(frames, sample.shape[0])
-        windowed = self.model.net.frame_windows(windows) if windows else contextlib.nullcontext()
-        with windowed:
-            return self.model(sample, t, text, condition, mask, self.scale)
+        if self.embedded is None or self.embedded.dtype != sample.dtype:
+            c = self.condition
+            cond, mask = (x.to(sample.device) for x in (c.condition, c.mask))
+            self.embedded = unfold_frames(self.model.embed(cond, mask, sample.dtype), cond.shape[2])
+        part = select_frames(self.embedded, frames)
+        part = part.repeat(sample.shape[0] // part.shape[0], 1, 1, 1, 1)
+        return self.model(
+            sample, t, text, scale=self.scale, windows=windows, embedded=fold_frames(part)
+        )
+
+
+def sparsectrl_input(
+    model: SparseControlNet,
+    images,
+    frames: Sequence[int] | None,
+    scale: float,
+    sample_posterior: bool,
+    num_frames: int,
+    size: tuple[int, int],
+    vae: AutoencoderKL,
+    latent_size: tuple[int, int],
+    generator: torch.Generator | None,
+    device: torch.device | str | None = None,
+) -> SparseCtrlInput:
+    """Keyframe `images` (paths, PIL images or a tensor; resized to `size` (h, w)) placed at
+    `frames` (default: 0, 1, ...) as the encoder's condition for one generation, on `device`
+    (default: the encoder's)."""
+    device = device or next(model.parameters()).device
+    images = as_frames(images, *size, "control_images")
+    frames = list(range(images.shape[2])) if frames is None else list(frames)
+    condition = sparse_condition(
+        model,
+        images.to(device),
+        frames,
+        num_frames,
+        vae,
+        latent_size,
+        sample_posterior=sample_posterior,
+        generator=generator,
+    )
+    return SparseCtrlInput(model, condition, scale)

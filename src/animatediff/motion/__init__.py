@@ -2,14 +2,6 @@
 
 from .config import MotionModuleConfig
 from .module import MotionModules, TemporalModule
-
-
-def __getattr__(name: str):
-    if name == "MotionUNet":  # imports diffusers: only when asked for
-        from .unet import MotionUNet
-
-        return MotionUNet
-    raise AttributeError(f"module 'animatediff.motion' has no attribute {name!r}")
-
+from .unet import MotionUNet
 
 __all__ = ["MotionModuleConfig", "MotionModules", "MotionUNet", "TemporalModule"]

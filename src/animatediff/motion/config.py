@@ -33,6 +33,10 @@ class MotionModuleConfig:
     temporal_attention_dim_div: int = 1
     groupnorm_across_frames: bool = False
     zero_init: bool = True
+    # Fraction of the noise variance shared by all frames of a clip in the noise the module was
+    # trained with (a mixed noise prior as in PYoCo, Ge et al. 2023): 0 for the released modules.
+    # Sampling draws its initial noise the same way unless told otherwise.
+    shared_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for kind in self.attention_block_types:
@@ -40,6 +44,8 @@ class MotionModuleConfig:
                 raise ValueError(f"unsupported attention block type {kind!r} (only Temporal_Self)")
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "attention_block_types", tuple(self.attention_block_types))
+        if not 0 <= self.shared_noise < 1:
+            raise ValueError(f"shared_noise must be in [0, 1), got {self.shared_noise}")
 
     @classmethod
     def preset(cls, version: str, **overrides) -> MotionModuleConfig:

@@ -2,31 +2,21 @@
 
 At every denoising step the clip is cut into windows of at most `context_length` frames; the
 model runs on each window and the per-window predictions are blended back, frame by frame, with
-a weighted average (:class:`WindowAccumulator`, weights from :func:`fuse_weights`). The options
-carry the names ComfyUI-AnimateDiff-Evolved users know. The rules are written out in
+a weighted average (`motion.frames.WindowAccumulator`, weights from :func:`fuse_weights`). The
+options carry the names ComfyUI-AnimateDiff-Evolved users know. The rules are written out in
 :func:`context_windows`; everything here is pure and deterministic.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch
 
-__all__ = [
-    "FUSE_KINDS",
-    "SCHEDULES",
-    "ContextOptions",
-    "WindowAccumulator",
-    "context_windows",
-    "fuse_weights",
-    "window_text",
-]
+from ..options import FUSE_KINDS, ContextOptions
 
-SCHEDULES = ("static", "uniform", "looped", "batched")
-FUSE_KINDS = ("flat", "pyramid", "overlap-linear")
+__all__ = ["context_windows", "fuse_weights"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -35,49 +25,6 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-@dataclass(frozen=True)
-class ContextOptions:
-    """How to cut a long clip into windows and blend them back.
-
-    context_length: frames per window (the motion module's training length, 16 for most).
-    context_overlap: frames shared by consecutive windows, 0 <= overlap < length.
-    context_stride: dilation levels, >= 1; level k adds windows of frames spaced 2**k apart.
-    context_schedule: `static`, `uniform`, `looped` or `batched` (see :func:`context_windows`).
-    context_fuse: `flat`, `pyramid` or `overlap-linear` (see :func:`fuse_weights`).
-    """
-
-    context_length: int = 16
-    context_overlap: int = 4
-    context_stride: int = 1
-    context_schedule: str = "static"
-    context_fuse: str = "pyramid"
-
-    def __post_init__(self) -> None:
-        _check_int("context_length", self.context_length, 1)
-        _check_int("context_overlap", self.context_overlap, 0)
-        _check_int("context_stride", self.context_stride, 1)
-        if self.context_overlap >= self.context_length:
-            raise ValueError(
-                f"context_overlap ({self.context_overlap}) must be smaller than "
-                f"context_length ({self.context_length})"
-            )
-        if self.context_schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown context_schedule {self.context_schedule!r}; one of {SCHEDULES}"
-            )
-        if self.context_fuse not in FUSE_KINDS:
-            raise ValueError(f"unknown context_fuse {self.context_fuse!r}; one of {FUSE_KINDS}")
-
-    @property
-    def hop(self) -> int:
-        """Distance between the starts of consecutive contiguous windows."""
-        return self.context_length - self.context_overlap
-
-    def weights(self, window_len: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """:func:`fuse_weights` for a window of `window_len` frames with these options."""
-        return fuse_weights(window_len, self.context_fuse, self.context_overlap, device=device)
 
 
 def _van_der_corput(n: int) -> float:
@@ -168,7 +115,7 @@ def context_windows(
     if step >= num_steps:
         raise ValueError(f"step must be < num_steps ({num_steps}), got {step}")
     length, schedule = options.context_length, options.context_schedule
-    if num_frames <= length:
+    if length is None or num_frames <= length:
         return [list(range(num_frames))]
     if schedule == "batched":
         return _unique(_straight(num_frames, length, length, 1, 0))
@@ -211,73 +158,3 @@ def fuse_weights(
         if kind == "overlap-linear":
             weights = (weights / (overlap + 1)).clamp(max=1.0)
     return weights.to(device=device, dtype=dtype)
-
-
-def window_text(
-    text: torch.Tensor, indices: Sequence[int], batch: int, num_frames: int
-) -> torch.Tensor:
-    """The text embeddings for one window: shared text (batch, 77, d) is returned as is;
-    per-frame text (batch * num_frames, 77, d) (frame-major per batch item, as MotionUNet takes
-    it) becomes (batch * len(indices), 77, d) holding those frames."""
-    if text.shape[0] == batch:
-        return text
-    if text.shape[0] != batch * num_frames:
-        raise ValueError(
-            f"text has {text.shape[0]} rows; expected {batch} (shared) or "
-            f"{batch * num_frames} (batch {batch} x {num_frames} frames)"
-        )
-    idx = torch.as_tensor(list(indices), device=text.device, dtype=torch.long)
-    per_frame = text.view(batch, num_frames, *text.shape[1:])[:, idx]
-    return per_frame.reshape(batch * len(idx), *text.shape[1:])
-
-
-class WindowAccumulator:
-    """Weighted average of window predictions over the whole clip.
-
-    `add(indices, value, weights)` adds `value` (b, c, len, h, w) times `weights` (len,) into
-    the frames `indices` of a (b, c, f, h, w) buffer and `weights` into a per-frame sum;
-    `result()` divides. Sums are kept in float32 (fp16 model outputs would lose precision).
-    A single window over all frames gives back its prediction up to rounding (exactly with
-    flat weights); skip fusion for bit-identical output.
-    """
-
-    def __init__(
-        self,
-        shape: Sequence[int],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        if len(shape) != 5:
-            raise ValueError(f"shape must be (b, c, f, h, w), got {tuple(shape)}")
-        self.total = torch.zeros(tuple(shape), device=device, dtype=dtype)
-        self.weight = torch.zeros(shape[2], device=device, dtype=dtype)
-
-    @classmethod
-    def like(cls, tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> WindowAccumulator:
-        """An empty accumulator with the shape and device of `tensor` (b, c, f, h, w)."""
-        return cls(tensor.shape, device=tensor.device, dtype=dtype)
-
-    def add(
-        self, indices: Sequence[int], value: torch.Tensor, weights: torch.Tensor | None = None
-    ) -> None:
-        """Add one window's prediction `value` (b, c, len(indices), h, w)."""
-        idx = torch.as_tensor(list(indices), device=self.total.device, dtype=torch.long)
-        expected = (*self.total.shape[:2], len(idx), *self.total.shape[3:])
-        if tuple(value.shape) != expected:
-            raise ValueError(f"window value must have shape {expected}, got {tuple(value.shape)}")
-        if weights is None:
-            weights = torch.ones(len(idx))
-        weights = weights.to(self.total.device, self.total.dtype)
-        if weights.shape != (len(idx),):
-            raise ValueError(f"weights must have shape ({len(idx)},), got {tuple(weights.shape)}")
-        weighted = value.to(self.total.dtype) * weights.view(1, 1, -1, 1, 1)
-        self.total.index_add_(2, idx, weighted)
-        self.weight.index_add_(0, idx, weights)
-
-    def result(self) -> torch.Tensor:
-        """(b, c, f, h, w): per frame, the weighted average of the windows holding it."""
-        missing = (self.weight <= 0).nonzero().flatten().tolist()
-        if missing:
-            raise ValueError(f"frames {missing} were in no window")
-        return self.total / self.weight.view(1, 1, -1, 1, 1)

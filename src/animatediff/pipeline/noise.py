@@ -18,7 +18,14 @@ from types import MappingProxyType
 
 import torch
 
-__all__ = ["FILTERS", "FREEINIT_DEFAULTS", "freeinit_reinit", "freenoise_latents", "freq_filter"]
+__all__ = [
+    "FILTERS",
+    "FREEINIT_DEFAULTS",
+    "freeinit_reinit",
+    "freenoise_latents",
+    "freq_filter",
+    "mix_shared_noise",
+]
 
 FILTERS = ("butterworth", "gaussian", "ideal", "box")
 
@@ -150,3 +157,18 @@ def freeinit_reinit(
 def _spectrum(x: torch.Tensor) -> torch.Tensor:
     # float32: FFTs of half tensors are unsupported on CPU and imprecise elsewhere
     return torch.fft.fftshift(torch.fft.fftn(x.float(), dim=_FREQ_DIMS), dim=_FREQ_DIMS)
+
+
+def mix_shared_noise(
+    noise: torch.Tensor, shared: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A mixed noise prior (PYoCo, Ge et al. 2023): `sqrt(shared)` of a noise frame common to
+    all frames of each clip plus `sqrt(1 - shared)` of each frame's own noise, so every frame
+    stays unit Gaussian while frames are correlated by `shared`. The common frame is drawn after
+    `noise` from the same generator; `shared=0` returns `noise` itself (no draw)."""
+    if not shared:
+        return noise
+    b, c, _, h, w = noise.shape
+    device = generator.device if generator is not None else noise.device
+    common = torch.randn((b, c, 1, h, w), generator=generator, device=device).to(noise)
+    return shared**0.5 * common + (1 - shared) ** 0.5 * noise

@@ -2,10 +2,13 @@
 
 AnimateDiff's motion modules were trained with a `linear` beta schedule (0.00085 -> 0.012), not
 SD's `scaled_linear`; the official inference uses DDIM on it with `steps_offset=1`,
-`clip_sample=False` and eta 0. Every sampler here starts from that schedule.
+`clip_sample=False` and eta 0. Every sampler here starts from that schedule; keyword overrides
+change it (e.g. `timestep_spacing="trailing"` for AnimateDiff-Lightning, see `presets.py`).
 """
 
 from __future__ import annotations
+
+import inspect
 
 from diffusers import (
     DDIMScheduler,
@@ -16,14 +19,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-ANIMATEDIFF_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="linear",
-    steps_offset=1,
-    clip_sample=False,
-)
+from ..options import OptionError
+from ..schedule import ANIMATEDIFF_SCHEDULE
 
 SCHEDULERS = {
     "ddim": (DDIMScheduler, {}),
@@ -38,12 +35,26 @@ SCHEDULERS = {
 }
 
 
+def scheduler_options(name: str) -> tuple[str, ...]:
+    """The configuration keys the scheduler `name` accepts as overrides."""
+    cls, _ = _lookup(name)
+    return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+
+
 def make_scheduler(name: str = "ddim", **overrides) -> SchedulerMixin:
-    """A fresh scheduler by name (see `SCHEDULERS`); `overrides` change the schedule."""
+    """A fresh scheduler by name (see `SCHEDULERS`) on AnimateDiff's schedule; `overrides`
+    (any of `scheduler_options(name)`) change it. Keys of the base schedule that a scheduler
+    does not have (DDIM's `clip_sample` for Euler) are dropped; unknown overrides are refused."""
+    cls, extra = _lookup(name)
+    options = scheduler_options(name)
+    unknown = sorted(set(overrides) - set(options))
+    if unknown:
+        raise OptionError(f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}")
+    base = {k: v for k, v in {**ANIMATEDIFF_SCHEDULE, **extra}.items() if k in options}
+    return cls(**{**base, **overrides})
+
+
+def _lookup(name: str):
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    cls, extra = SCHEDULERS[name]
-    config = {**ANIMATEDIFF_SCHEDULE, **extra, **overrides}
-    if cls is not DDIMScheduler and cls is not LCMScheduler:
-        config.pop("clip_sample")
-    return cls(**config)
+        raise OptionError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name]

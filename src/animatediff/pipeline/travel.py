@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from ..options import OptionError
+
 __all__ = [
     "METHODS",
     "compose_prompt",
@@ -32,19 +34,19 @@ def _frame_index(key: int | str, num_frames: int) -> int:
     """A prompt-map key as a frame in [0, num_frames); -1 is the last frame."""
     if isinstance(key, str):
         if not _INDEX.fullmatch(key.strip()):
-            raise ValueError(f"prompt_map key {key!r} is not a frame index")
+            raise OptionError(f"prompt_map key {key!r} is not a frame index")
         index = int(key)
     elif isinstance(key, bool):  # an int subclass, never meant as a frame
-        raise TypeError(f"prompt_map key {key!r} is not a frame index")
+        raise OptionError(f"prompt_map key {key!r} is not a frame index")
     else:
         try:
             index = operator.index(key)  # accepts numpy ints too
         except TypeError:
-            raise TypeError(f"prompt_map key {key!r} is not a frame index") from None
+            raise OptionError(f"prompt_map key {key!r} is not a frame index") from None
     if index == -1:
         return num_frames - 1
     if not 0 <= index < num_frames:
-        raise ValueError(
+        raise OptionError(
             f"prompt_map key {key!r} is outside frames 0..{num_frames - 1} (-1: the last frame)"
         )
     return index
@@ -58,17 +60,21 @@ def parse_prompt_map(prompt_map: Mapping[int | str, str], num_frames: int) -> li
     (e.g. 15 and -1 with 16 frames), a prompt that is not a string.
     """
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        raise OptionError(f"num_frames must be >= 1, got {num_frames}")
     if not prompt_map:
-        raise ValueError("prompt_map is empty: give at least one {frame: prompt}")
+        raise OptionError("prompt_map is empty: give at least one {frame: prompt}")
     keys: dict[int, int | str] = {}
     prompts: list[tuple[int, str]] = []
     for key, text in prompt_map.items():
         frame = _frame_index(key, num_frames)
         if frame in keys:
-            raise ValueError(f"prompt_map keys {keys[frame]!r} and {key!r} both name frame {frame}")
+            raise OptionError(
+                f"prompt_map keys {keys[frame]!r} and {key!r} both name frame {frame}"
+            )
         if not isinstance(text, str):
-            raise TypeError(f"prompt for frame {key!r} must be a string, got {type(text).__name__}")
+            raise OptionError(
+                f"prompt for frame {key!r} must be a string, got {type(text).__name__}"
+            )
         keys[frame] = key
         prompts.append((frame, text))
     return sorted(prompts, key=lambda item: item[0])
@@ -131,20 +137,20 @@ def frame_embeddings(
     key its embedding is held, after the last key the last one's (no wrap-around).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown interpolation {method!r}; one of {METHODS}")
+        raise OptionError(f"unknown interpolation {method!r}; one of {METHODS}")
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        raise OptionError(f"num_frames must be >= 1, got {num_frames}")
     if not keyframes:
-        raise ValueError("no keyframes")
+        raise OptionError("no keyframes")
     keys = sorted(keyframes, key=lambda item: item[0])
     frames = [frame for frame, _ in keys]
     if len(set(frames)) != len(frames):
-        raise ValueError(f"duplicate keyframes in {frames}")
+        raise OptionError(f"duplicate keyframes in {frames}")
     if frames[0] < 0 or frames[-1] >= num_frames:
-        raise ValueError(f"keyframes {frames} must lie in 0..{num_frames - 1}")
+        raise OptionError(f"keyframes {frames} must lie in 0..{num_frames - 1}")
     shapes = {tuple(emb.shape) for _, emb in keys}
     if len(shapes) != 1:
-        raise ValueError(f"keyframe embeddings differ in shape: {sorted(shapes)}")
+        raise OptionError(f"keyframe embeddings differ in shape: {sorted(shapes)}")
     stack = torch.stack([emb for _, emb in keys])
     left, right, t = _segments(frames, num_frames)
     left, right = left.to(stack.device), right.to(stack.device)

@@ -1,22 +1,22 @@
-"""The three-stage AnimateDiff training recipe (domain adapter, motion module, MotionLoRA) and
-image fine-tuning, on Hugging Face Accelerate."""
+"""The three-stage AnimateDiff training recipe (domain adapter, motion module, MotionLoRA),
+image fine-tuning and consistency distillation of a motion module, on Hugging Face Accelerate.
+
+The config names are torch-free and imported at once (the command line checks a config before
+anything heavy loads); the trainer's are imported on first use.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
 
 from .config import STAGES, Config, ConfigError, load_config, parse_config
-from .trainer import Trainer
+
+_TRAINER = ("Trainer", "TrainingDiverged", "train")
+
+__all__ = ["STAGES", "Config", "ConfigError", *_TRAINER, "load_config", "parse_config"]
 
 
-def train(config: Config | dict | str | Path, resume: bool = False) -> list[Path]:
-    """Run a training config (a `Config`, a dict as in the YAML, or a YAML path); returns the
-    files written (motion module, MotionLoRA, adapter or UNet)."""
-    if isinstance(config, (str, Path)):
-        config = load_config(config)
-    elif isinstance(config, dict):
-        config = parse_config(config)
-    return Trainer(config, resume=resume).fit()
-
-
-__all__ = ["STAGES", "Config", "ConfigError", "Trainer", "load_config", "parse_config", "train"]
+def __getattr__(name: str):
+    if name in _TRAINER:
+        return getattr(importlib.import_module("animatediff.training.trainer"), name)
+    raise AttributeError(f"module 'animatediff.training' has no attribute {name!r}")

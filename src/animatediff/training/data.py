@@ -2,7 +2,10 @@
 
 Every random choice (clip start, flip) comes from a generator seeded by (seed, sample id), so a
 sample is the same whichever process or worker reads it and whether or not the run was resumed.
-A video that cannot be read, or is too short, is replaced by the next one and reported.
+A video that cannot be read, or is too short, is replaced by the next one and reported; a clip
+without a caption (no .txt, or an empty one) trains as an unconditional sample and is counted.
+Before training, `check_clips` reads the first clips' lengths so that a `num_frames` longer than
+all of them fails at once instead of skipping every clip.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from ..options import VIDEO_SUFFIXES
 from ..video import read_video, video_info
 from .config import ConfigError, DataConfig
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif", ".webp")
 # Still images are one-frame clips (for the image stages: base fine-tuning, adapter, styles).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -108,6 +112,41 @@ def find_clips(data: DataConfig) -> list[Clip]:
     return clips
 
 
+PROBE = 16  # clips whose length `check_clips` reads
+
+
+def _clip_length(clip: Clip) -> int:
+    if clip.member is None:
+        return video_info(clip.path).num_frames
+    with (
+        tarfile.open(clip.path) as tar,
+        tempfile.NamedTemporaryFile(suffix=Path(clip.member).suffix) as tmp,
+    ):
+        tmp.write(tar.extractfile(clip.member).read())
+        tmp.flush()
+        return video_info(tmp.name).num_frames
+
+
+def check_clips(clips: list[Clip], num_frames: int) -> None:
+    """Fail when none of the first `PROBE` clips can be read, or all are shorter than
+    `num_frames` (then every clip would be skipped)."""
+    lengths, problems = [], []
+    for clip in clips[:PROBE]:
+        try:
+            lengths.append(_clip_length(clip))
+        except Exception as e:  # noqa: BLE001 - any unreadable file counts the same
+            problems.append(f"{clip.path}{':' + clip.member if clip.member else ''}: {e}")
+    if not lengths:
+        raise ConfigError(
+            f"data: none of the first {len(problems)} videos can be read; {problems[0]}"
+        )
+    if num_frames > max(lengths):
+        raise ConfigError(
+            f"data.num_frames {num_frames} is longer than the clips: the longest of the first "
+            f"{len(lengths)} has {max(lengths)} frames"
+        )
+
+
 def sample_generator(seed: int, sample_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + sample_id)
 
@@ -135,7 +174,7 @@ class VideoClips(Dataset):
                 skipped.append(f"{clip.path}{':' + clip.member if clip.member else ''}: {e}")
                 continue
             return {"pixels": pixels, "caption": clip.caption, "skipped": skipped}
-        raise RuntimeError(f"no readable video in the dataset; first problems: {skipped[:3]}")
+        raise ConfigError(f"data: no video is readable and long enough; first: {skipped[0]}")
 
     def _read(self, clip: Clip, gen: torch.Generator) -> torch.Tensor:
         if clip.member is None:
@@ -182,20 +221,27 @@ class EncodedClips(Dataset):
         if not self.files:
             raise ConfigError(f"data.cache: no encoded clips in {folder}")
         self.seed = seed
+        self.captions = []
+        for file in self.files:
+            with safe_open(file, "pt") as f:
+                self.captions.append(f.metadata().get("caption", ""))
+
+    def num_frames(self) -> int:
+        """The frame count of the encoded clips (of the first file)."""
+        with safe_open(self.files[0], "pt") as f:
+            return f.get_slice("mean").get_shape()[1]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, sample_id: int) -> dict:
-        from safetensors import safe_open
-
-        with safe_open(self.files[sample_id % len(self.files)], "pt") as f:
+        index = sample_id % len(self.files)
+        with safe_open(self.files[index], "pt") as f:
             item = {k: f.get_tensor(k) for k in ("mean", "std")}
-            caption = f.metadata().get("caption", "")
         return {
             "latent_mean": item["mean"],
             "latent_std": item["std"],
-            "caption": caption,
+            "caption": self.captions[index],
             "skipped": [],
         }
 

@@ -10,20 +10,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..builtin.model import resolve
 from ..checkpoints.base import load_base
 from ..checkpoints.io import save_state_dict
+from ..motion.frames import fold_frames, unfold_frames
 from .config import Config
-from .data import VideoClips, find_clips
+from .data import VideoClips, check_clips, find_clips
 
 
 @torch.no_grad()
 def encode_dataset(config: Config, folder: str | Path, device: str = "cpu") -> int:
     """Write `folder/000000.safetensors`, ...; returns the number of clips written."""
-    from ..builtin import builtin_model
-
-    vae = load_base(config.base or builtin_model().base).vae.to(device).eval()
-    frames = config.data.num_frames if config.stage in ("motion", "motion_lora") else 1
-    dataset = VideoClips(find_clips(config.data), config.data, frames, config.train.seed)
+    frames = config.data.num_frames if config.video else 1
+    clips = find_clips(config.data)
+    check_clips(clips, frames)
+    dataset = VideoClips(clips, config.data, frames, config.train.seed)
+    vae = load_base(resolve(config.base)[0]).vae.to(device).eval()
     folder = Path(folder)
     written = 0
     for i in tqdm(range(len(dataset)), desc="encoding"):
@@ -32,9 +34,9 @@ def encode_dataset(config: Config, folder: str | Path, device: str = "cpu") -> i
             for problem in sample["skipped"]:
                 print(f"skipped {problem}", file=sys.stderr)
             continue
-        pixels = sample["pixels"].to(device)  # (3, f, H, W)
-        dist = vae.encode(pixels.transpose(0, 1)).latent_dist  # frames as a batch
-        mean, std = (t.transpose(0, 1).contiguous().cpu() for t in (dist.mean, dist.std))
+        pixels = sample["pixels"].to(device)[None]  # (1, 3, f, H, W)
+        dist = vae.encode(fold_frames(pixels)).latent_dist  # frames as a batch
+        mean, std = (unfold_frames(t, frames)[0].contiguous().cpu() for t in (dist.mean, dist.std))
         save_state_dict(
             {"mean": mean, "std": std},
             folder / f"{i:06d}.safetensors",

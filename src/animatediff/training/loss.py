@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 from diffusers import DDPMScheduler
 
-from ..pipeline.schedulers import ANIMATEDIFF_SCHEDULE
+from ..pipeline.noise import mix_shared_noise
+from ..schedule import ANIMATEDIFF_SCHEDULE
 from .config import NoiseConfig
 
 
@@ -21,9 +22,17 @@ def make_noise_scheduler(noise: NoiseConfig) -> DDPMScheduler:
     return DDPMScheduler(**config)
 
 
-def sample_noise(shape: tuple[int, ...], generators: list[torch.Generator], offset: float):
-    """Per-sample Gaussian noise (and timesteps drawn after it) from each sample's generator."""
+def sample_noise(
+    shape: tuple[int, ...], generators: list[torch.Generator], offset: float, shared: float = 0.0
+):
+    """Per-sample Gaussian noise (and timesteps drawn after it) from each sample's generator.
+
+    Videos (b, c, f, h, w) with ``shared`` > 0 follow the mixed noise prior that sampling uses
+    (``pipeline.noise.mix_shared_noise``): each sample's common frame is drawn after its own
+    noise, from its own generator."""
     noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
+    if shared and len(shape) == 5:
+        noise = torch.cat([mix_shared_noise(n[None], shared, g) for n, g in zip(noise, generators)])
     if offset:
         # Offset noise: a per-channel constant shift, so the model can learn overall brightness.
         extra = (1,) * (len(shape) - 2)
@@ -42,7 +51,8 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Mean over samples of the (optionally min-SNR weighted) MSE of the model's prediction."""
     device = latents.device
-    noise = sample_noise(tuple(latents.shape), generators, noise_config.offset_noise).to(device)
+    shape, shared = tuple(latents.shape), noise_config.shared_noise or 0.0
+    noise = sample_noise(shape, generators, noise_config.offset_noise, shared).to(device)
     lo, hi = noise_config.timesteps
     t = torch.stack([torch.randint(lo, hi, (), generator=g) for g in generators]).to(device)
     noisy = scheduler.add_noise(latents, noise, t)

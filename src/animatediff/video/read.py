@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
+
 __all__ = [
     "VideoInfo",
     "VideoReadError",
@@ -33,7 +35,7 @@ DEFAULT_FPS = 8.0  # used when the source has no timing (image folders, zero GIF
 FrameThunk = Callable[[], np.ndarray]
 
 
-class VideoReadError(ValueError):
+class VideoReadError(UserError):
     """A video could not be read, or has fewer frames than requested."""
 
 

@@ -1,14 +1,16 @@
 """Write videos (float tensors in [0, 1]) as GIF, MP4, WebP or a folder of PNG frames.
 
-Every writer encodes into a temporary sibling of the target and renames it into place, so an
-interrupted write never leaves a half-written file under the final name.
+Every writer encodes into a temporary sibling of the target and puts it in place in one step
+(`video/files.py`), so an interrupted write never leaves a half-written file under the final
+name, and without `overwrite` an existing file (even one another process made meanwhile) is
+never replaced. `metadata` (text, e.g. the settings JSON) is embedded in the file: a GIF
+comment, WebP XMP, an MP4 `comment` tag, a PNG `animatediff` text chunk (`animatediff.provenance`
+reads it back).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,9 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["SUPPORTED_SUFFIXES", "Video", "save_video", "to_uint8_frames"]
+from .. import provenance as meta
+from ..options import OUTPUT_SUFFIXES
+from .files import new_path, staged
 
-SUPPORTED_SUFFIXES = (".gif", ".mp4", ".webp")
+__all__ = ["SUPPORTED_SUFFIXES", "Video", "encoded", "save_video", "to_uint8_frames"]
+
+SUPPORTED_SUFFIXES = OUTPUT_SUFFIXES
 PNG_FOLDER = "png"  # format name for "no suffix / existing directory"
 MP4_CRF = 18
 WEBP_QUALITY = 90
@@ -44,6 +50,7 @@ def save_video(
     fps: float = 8,
     overwrite: bool = False,
     loop: int = 0,
+    metadata: str | None = None,
 ) -> Path:
     """Save a (3, f, h, w) float video in [0, 1] to ``path``; the format follows the suffix.
 
@@ -54,13 +61,14 @@ def save_video(
     - no suffix, or an existing directory: a folder of ``frame_00000.png``, ``frame_00001.png``...
 
     Parent directories are created. An existing target raises ``FileExistsError`` unless
-    ``overwrite`` is true, in which case it is replaced as a whole (folders included).
-    Returns the path written.
+    ``overwrite`` is true, in which case it is replaced as a whole (folders included); a
+    target that appears while encoding is not replaced either. ``metadata`` is text embedded
+    in the file (see the module docstring). Returns the path written.
     """
     path = Path(path)
     fmt = _format_for(path)
     _check_target(path, overwrite)
-    _write(to_uint8_frames(frames), path, fmt, fps, loop)
+    _write(to_uint8_frames(frames), path, fmt, fps, loop, metadata, overwrite)
     return path
 
 
@@ -84,66 +92,48 @@ def _check_target(path: Path, overwrite: bool) -> None:
         )
 
 
-def _write(arr: np.ndarray, path: Path, fmt: str, fps: float, loop: int) -> None:
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    writers: dict[str, Callable[[np.ndarray, Path, float, int], None]] = {
+@contextmanager
+def encoded(
+    frames: torch.Tensor,
+    path: str | os.PathLike,
+    fps: float = 8,
+    loop: int = 0,
+    metadata: str | None = None,
+) -> Iterator[Path]:
+    """Encode a (3, f, h, w) video as :func:`save_video` would for ``path``, into a hidden
+    temporary beside it; yield that temporary, to put in place with `video.files.claim`
+    (under ``path`` or another name of the same format and folder). It is removed on exit."""
+    path = Path(path)
+    fmt = _format_for(path)
+    arr = to_uint8_frames(frames)
+    with staged(path, is_dir=fmt == PNG_FOLDER) as tmp:
+        _encode(arr, tmp, fmt, fps, loop, metadata)
+        yield tmp
+
+
+def _write(
+    arr: np.ndarray,
+    path: Path,
+    fmt: str,
+    fps: float,
+    loop: int,
+    metadata: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    with new_path(path, overwrite, is_dir=fmt == PNG_FOLDER) as tmp:
+        _encode(arr, tmp, fmt, fps, loop, metadata)
+
+
+def _encode(arr: np.ndarray, tmp: Path, fmt: str, fps: float, loop: int, metadata) -> None:
+    if not 0 < fps < float("inf"):
+        raise ValueError(f"fps must be positive and finite, got {fps}")
+    writers: dict[str, Callable[[np.ndarray, Path, float, int, str | None], None]] = {
         "gif": _write_gif,
         "mp4": _write_mp4,
         "webp": _write_webp,
         PNG_FOLDER: _write_png_folder,
     }
-    with _atomic_target(path, is_dir=fmt == PNG_FOLDER) as tmp:
-        writers[fmt](arr, tmp, fps, loop)
-
-
-# --- atomic replacement ---------------------------------------------------------------------
-
-
-def _sibling(path: Path, tag: str) -> Path:
-    # Hidden, unique name in the target's directory, so the final rename stays on one filesystem.
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{tag}")
-
-
-@contextmanager
-def _atomic_target(path: Path, is_dir: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the body succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, "tmp")
-    if is_dir:
-        tmp.mkdir()
-    try:
-        yield tmp
-        _move_into_place(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    if not (path.is_dir() and not path.is_symlink()) and not tmp.is_dir():
-        os.replace(tmp, path)  # atomic file-over-file replacement
-        return
-    # os.replace cannot overwrite a non-empty directory (or a file with a directory): move the
-    # old target aside first and restore it if the final rename fails.
-    old = _sibling(path, "old") if path.exists() or path.is_symlink() else None
-    if old is not None:
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    writers[fmt](arr, tmp, fps, loop, metadata)
 
 
 # --- format writers -------------------------------------------------------------------------
@@ -153,7 +143,7 @@ def _frame_ms(fps: float) -> int:
     return max(1, round(1000 / fps))
 
 
-def _write_gif(arr: np.ndarray, path: Path, fps: float, loop: int) -> None:
+def _write_gif(arr: np.ndarray, path: Path, fps: float, loop: int, metadata: str | None) -> None:
     images = [Image.fromarray(frame) for frame in arr]
     # disposal=2 clears each frame before the next, so palette-reduced frames never smear.
     images[0].save(
@@ -165,10 +155,11 @@ def _write_gif(arr: np.ndarray, path: Path, fps: float, loop: int) -> None:
         loop=loop,
         disposal=2,
         optimize=False,
+        **meta.gif_arguments(metadata),
     )
 
 
-def _write_webp(arr: np.ndarray, path: Path, fps: float, loop: int) -> None:
+def _write_webp(arr: np.ndarray, path: Path, fps: float, loop: int, metadata: str | None) -> None:
     images = [Image.fromarray(frame) for frame in arr]
     images[0].save(
         path,
@@ -179,12 +170,16 @@ def _write_webp(arr: np.ndarray, path: Path, fps: float, loop: int) -> None:
         loop=loop,
         lossless=False,
         quality=WEBP_QUALITY,
+        **meta.webp_arguments(metadata),
     )
 
 
-def _write_png_folder(arr: np.ndarray, folder: Path, fps: float, loop: int) -> None:
+def _write_png_folder(
+    arr: np.ndarray, folder: Path, fps: float, loop: int, metadata: str | None
+) -> None:
+    extra = meta.png_arguments(metadata)
     for i, frame in enumerate(arr):
-        Image.fromarray(frame).save(folder / f"frame_{i:05d}.png", format="PNG")
+        Image.fromarray(frame).save(folder / f"frame_{i:05d}.png", format="PNG", **extra)
 
 
 def pad_to_even(arr: np.ndarray) -> np.ndarray:
@@ -195,10 +190,11 @@ def pad_to_even(arr: np.ndarray) -> np.ndarray:
     return np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
-def _write_mp4(arr: np.ndarray, path: Path, fps: float, loop: int) -> None:
+def _write_mp4(arr: np.ndarray, path: Path, fps: float, loop: int, metadata: str | None) -> None:
     arr = pad_to_even(arr)
     # format= is explicit because the temporary file name does not end in .mp4.
     with av.open(str(path), mode="w", format="mp4") as container:
+        container.metadata.update(meta.mp4_tags(metadata))
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = arr.shape[1:3]
         stream.pix_fmt = "yuv420p"
@@ -241,7 +237,11 @@ class Video:
         return self.frames.shape[4]
 
     def save(
-        self, path: str | os.PathLike, fps: float | None = None, overwrite: bool = False
+        self,
+        path: str | os.PathLike,
+        fps: float | None = None,
+        overwrite: bool = False,
+        metadata: str | None = None,
     ) -> list[Path]:
         """Save every video; see :func:`save_video` for formats.
 
@@ -255,7 +255,8 @@ class Video:
         for target in targets:
             _check_target(target, overwrite)
         for video, target in zip(self.frames, targets, strict=True):
-            _write(to_uint8_frames(video), target, fmt, self.fps if fps is None else fps, 0)
+            rate = self.fps if fps is None else fps
+            _write(to_uint8_frames(video), target, fmt, rate, 0, metadata, overwrite)
         return targets
 
     def _indexed(self, path: Path, fmt: str) -> list[Path]:

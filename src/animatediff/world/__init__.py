@@ -5,15 +5,17 @@ data for training and evaluating a tiny AnimateDiff. Everything is deterministic
 - ``motion``: clips of object motion (move, grow, shrink, turn) and camera motion (zoom, pan)
 - ``domain``: the web-video look (blur, watermark) of training videos
 - ``styles``: personal styles (stripes, outline) the base model never sees
-- ``datasets``: folders of PNG/MP4 + caption files for the trainer
 - ``detect``: segmentation, shape, tracking, watermark, style and caption checks
 
-Beside them (they load models): ``build`` trains the built-in models, ``pack`` ships them,
-``evaluate`` measures the paper's claims, ``direction`` whether a module knows which way a
-motion goes and how much it draws on the other frames.
+Beside them (they import torch, so the package does not import them): ``datasets`` writes
+folders of PNG/MP4 + caption files for the trainer, ``build`` trains the built-in models, ``pack``
+ships them, ``evaluate`` measures the paper's claims (``evaluate_settings``: its prompts and
+options, ``metrics``: its clip metrics, ``report``: its tables; these three are torch-free),
+``compare`` a distilled student against its teacher, ``direction`` whether a module knows which
+way a motion goes and how much it draws on the other frames, ``probe`` what a text encoder
+tells apart.
 """
 
-from .datasets import motion_clips, write_images, write_videos
 from .detect import (
     alignment_checks,
     classify_shape,
@@ -58,7 +60,6 @@ __all__ = [
     "is_dynamic",
     "make_clip",
     "motion_alignment",
-    "motion_clips",
     "motion_smoothness",
     "parse_caption",
     "random_scene",
@@ -74,6 +75,4 @@ __all__ = [
     "watermark",
     "watermark_score",
     "web_video",
-    "write_images",
-    "write_videos",
 ]

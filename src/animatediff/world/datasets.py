@@ -11,25 +11,51 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ..video import save_video
 from .domain import web_video
-from .motion import CAMERA_KINDS, OBJECT_KINDS, make_clip
-from .scene import as_rng, caption, random_scene, render
+from .motion import CAMERA_KINDS, KINDS, OBJECT_KINDS, make_clip
+from .scene import DIRECTIONS, SPEEDS, Scene, as_rng, caption, pick, random_scene, render
 from .styles import style_images
 
 FPS = 8
 
 
+def first_frame_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """The caption of a clip of any kind (camera motions too) that starts at ``scene``: a
+    still is the first frame of such a clip, so the caption stays true, and a text encoder
+    trained on stills meets every word of the grammar, where it will find it at sampling."""
+    kind = pick(rng, KINDS)
+    words = {}
+    if kind == "move":
+        words = {"direction": pick(rng, DIRECTIONS), "speed": pick(rng, SPEEDS)}
+    return caption(scene, kind, **words)
+
+
 def write_images(
-    folder: str | os.PathLike, n: int, seed: int, style: str | None = None, size: int = 64
+    folder: str | os.PathLike,
+    n: int,
+    seed: int,
+    style: str | None = None,
+    size: int = 64,
+    motion_captions: float = 0.0,
 ) -> list[Path]:
-    """``n`` stills (plain, or of a personal ``style``) as ``image_00000.png`` + ``.txt``."""
+    """``n`` stills (plain, or of a personal ``style``) as ``image_00000.png`` + ``.txt``; a
+    share ``motion_captions`` of the plain ones is captioned as a clip's first frame
+    (``first_frame_caption``), drawn from the seed ``(seed, i, 1)``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if style is None:
-        scenes = [random_scene(as_rng([seed, i])) for i in range(n)]
-        items = [(render(scene, size), caption(scene)) for scene in scenes]
+        items = []
+        for i in range(n):
+            scene = random_scene(as_rng([seed, i]))
+            rng = as_rng([seed, i, 1])
+            text = caption(scene)
+            if rng.random() < motion_captions:
+                text = first_frame_caption(scene, rng)
+            items.append((render(scene, size), text))
     else:
         items = style_images(style, n, seed, size)
     paths = []
@@ -52,10 +78,6 @@ def write_videos(
 ) -> list[Path]:
     """``n`` clips as ``clip_00000.mp4`` + ``.txt``, cycling through ``kinds`` (default the
     object motions, no camera motion); ``web`` gives them the blur and watermark of web video."""
-    import torch  # here, so that importing the world does not import torch
-
-    from ..video import save_video
-
     folder = Path(folder)
     kinds = tuple(kinds or OBJECT_KINDS)
     paths = []

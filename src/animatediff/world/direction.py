@@ -11,6 +11,7 @@ backwards and the ratio (backwards / forward; 1.0 means no sense of direction), 
 ``--coherence`` prints the loss on the clips and on frames mixed across them, with the module
 and without it (1.0 exactly): how much the module draws on the other frames at each noise
 level. Where it does not (high noise, where layout and colours are decided), frames flicker.
+Noise is drawn as the module was trained (its ``shared_noise``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import builtin
+from ..pipeline import AnimationPipeline
+from ..training.config import NoiseConfig
+from ..training.loss import make_noise_scheduler
 from .motion import KINDS, make_clip
 
 TIMESTEPS = (100, 300, 500, 700, 900)
@@ -39,26 +44,27 @@ def encode_clips(pipe, kind: str, clips: int, seed: int) -> tuple[torch.Tensor, 
 
 
 def _losses(
-    pipe, variants: dict, captions: Sequence[str], timesteps, seed: int
+    pipe, variants: dict, captions: Sequence[str], timesteps, seed: int, motion_scale: float = 1.0
 ) -> dict[str, list[float]]:
-    """Epsilon MSE per timestep of each ``name: (clips, noise-arranger)`` variant; every
-    variant draws the same noise, rearranged as its clips were."""
-    from ..training.config import NoiseConfig
-    from ..training.loss import make_noise_scheduler
-
+    """Epsilon MSE per timestep of each ``name: (clips, noise-arranger)`` variant. Noise follows
+    the motion module's prior (``config.shared_noise``): every variant draws the same noise, its
+    frames' own noise rearranged as its clips were, the part common to a clip left in place."""
     scheduler = make_noise_scheduler(NoiseConfig())
+    shared = pipe.unet.config.shared_noise
     first = next(iter(variants.values()))[0]
-    text = pipe.embed(list(captions), first.shape[2], "", "", "linear").to(pipe.dtype)
+    text = pipe.encode(list(captions)).to(pipe.dtype)
     g = torch.Generator().manual_seed(seed)
-    noises = [torch.randn(first.shape, generator=g) for _ in timesteps]
+    own = [torch.randn(first.shape, generator=g) for _ in timesteps]
+    common = [torch.randn((*first.shape[:2], 1, *first.shape[3:]), generator=g) for _ in timesteps]
     out: dict[str, list[float]] = {}
     for name, (clip, arrange) in variants.items():
         out[name] = []
-        for t, noise in zip(timesteps, noises):
-            noise = arrange(noise)
+        for t, e, c in zip(timesteps, own, common):
+            noise = shared**0.5 * c + (1 - shared) ** 0.5 * arrange(e)
             tt = torch.full((len(clip),), t)
             noisy = scheduler.add_noise(clip, noise, tt).to(pipe.device, pipe.dtype)
-            pred = pipe.unet(noisy, tt.to(pipe.device), text).float().cpu()
+            pred = pipe.unet(noisy, tt.to(pipe.device), text, motion_scale=motion_scale)
+            pred = pred.float().cpu()
             out[name].append(((pred - noise) ** 2).mean().item())
     return out
 
@@ -84,17 +90,19 @@ def mix_frames(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def coherence_losses(
-    pipe, latents: torch.Tensor, timesteps=TIMESTEPS, seed: int = 0
+    pipe, latents: torch.Tensor, timesteps=TIMESTEPS, seed: int = 0, motion_scale: float = 1.0
 ) -> dict[str, list[float]]:
     """{"clips": [...], "mixed": [...]}: unconditional epsilon MSE per timestep on the clips and
-    on their frames mixed across clips (``mix_frames``; the noise travels with its frame).
+    on their frames mixed across clips (``mix_frames``; each frame's own noise travels with it,
+    noise common to a clip stays with the clip, so mixing changes content, not noise).
 
-    Without a motion module every frame is denoised alone, so both are the same; the ratio
-    mixed / clips is how much a module draws on the other frames at that noise level."""
+    Without a motion module every frame is denoised alone, so both are the same (exactly, for
+    a module trained without shared noise; in expectation otherwise); the ratio mixed / clips
+    is how much a module draws on the other frames' content at that noise level."""
     if len(latents) < 2:
         raise ValueError("coherence_losses needs at least 2 clips to mix")
     variants = {"clips": (latents, _same), "mixed": (mix_frames(latents), mix_frames)}
-    return _losses(pipe, variants, [""] * len(latents), timesteps, seed)
+    return _losses(pipe, variants, [""] * len(latents), timesteps, seed, motion_scale)
 
 
 def _row(timesteps, a: list[float], b: list[float]) -> str:
@@ -102,8 +110,6 @@ def _row(timesteps, a: list[float], b: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .. import AnimationPipeline, builtin
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kind", choices=KINDS, help="the motion the clips show")
     p.add_argument("--motion-lora", help="a built-in MotionLoRA name or a file")
@@ -117,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.coherence:
         print(f"{args.clips} {args.kind} clips; loss clips / frames mixed (ratio) per timestep")
         for scale in (1.0, 0.0):
-            with pipe.motion_scale(scale):
-                losses = coherence_losses(pipe, latents)
+            losses = coherence_losses(pipe, latents, motion_scale=scale)
             name = "with the motion module" if scale else "without it"
             print(f"{name}: " + _row(TIMESTEPS, losses["clips"], losses["mixed"]))
         return

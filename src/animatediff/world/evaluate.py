@@ -30,6 +30,8 @@ Clip metrics (a clip is one prompt and seed; "in most frames" = in more than hal
                         the named shape (``detect.classify_shape``)
   background_alignment  share of clips where, in most frames, the frame border has the named
                         background colour
+  background_stability  share of frames whose background colour is their clip's commonest one
+                        (1.0: no clip's background flickers)
   temporal_consistency  mean ``detect.temporal_consistency``: the first frame's object keeps its
                         colour and shape, times the mean IoU of consecutive centred masks
   motion_smoothness     mean ``detect.motion_smoothness`` of the first frame's dominant object's
@@ -55,205 +57,51 @@ missing in the first or last frame are left out):
   motion_alignment      mean ``detect.motion_alignment`` for the camera caption
   effect                zoom-in: area_ratio at 1 is > 1 and above that at 0; pan-left: dx at 1
                         has the sign of PAN_LEFT_DX and is larger along it than at 0
+  effect_by_seed        ``effect`` of each of ``CAMERA_SEEDS`` alone (its camera prompts at that
+                        seed, strength 1 vs 0), and ``seeds_in_direction``: how many hold
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import math
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
 
-from .detect import (
-    MIN_AREA,
-    as_frames,
-    background_colour,
-    classify_shape,
-    has_watermark,
-    is_dynamic,
-    motion_alignment,
-    motion_smoothness,
-    object_mask,
-    style_scores,
-    temporal_consistency,
-    track,
+from .. import builtin
+from ..builtin.model import builtin_model
+from ..checkpoints.io import load_state_dict
+from ..pipeline import AnimationPipeline
+from .compare import run_comparison
+from .evaluate_settings import (
+    CAMERA_PROMPTS,
+    CAMERA_SEEDS,
+    GUIDANCE_SCALE,
+    NEGATIVE_PROMPT,
+    NUM_FRAMES,
+    PROMPTS,
+    QUICK_PROMPTS,
+    QUICK_SEEDS,
+    SEEDS,
+    SIZE,
+    STEPS,
+    add_arguments,
 )
-from .motion import PAN_LEFT_DX
-from .scene import Scene, Sprite, caption, parse_caption
+from .metrics import Clip, camera_effect, camera_motion, clip_metrics, domain_similarity
+from .recipe import DATA, MOTION_LORAS, STYLE_LORA
+from .report import format_table, save_results
 from .styles import STYLES
 
-SIZE = 64
-NUM_FRAMES = 16
-STEPS = 25
-GUIDANCE_SCALE = 7.5
-NEGATIVE_PROMPT = ""
-SEEDS = (0,)  # one seed per prompt keeps a full run to minutes on a CPU
-QUICK_SEEDS = (0,)
-STILLS_MIN = 1e-6  # a stills style score below this makes the domain similarity undefined
 SKIPPED = "skipped: not installed"
 
-
-def _prompt(kind: str, *sprites: tuple[str, str], background: str, **words) -> str:
-    scene = Scene(tuple(Sprite(shape, colour) for shape, colour in sprites), background)
-    return caption(scene, kind, **words)
-
-
-# Every colour, shape and background, and each object motion (two per motion kind).
-PROMPTS: tuple[str, ...] = (  # ordered so that any first N covers the kinds of motion evenly
-    _prompt("static", ("circle", "red"), background="black"),
-    _prompt("move", ("square", "blue"), background="white", direction="left", speed="slowly"),
-    _prompt("grow", ("circle", "yellow"), background="green"),
-    _prompt("shrink", ("triangle", "blue"), background="black"),
-    _prompt("turn", ("square", "purple"), background="white"),
-    _prompt("move", ("triangle", "white"), background="green", direction="right", speed="quickly"),
-    _prompt("static", ("star", "yellow"), ("circle", "red"), background="blue"),
-    _prompt("move", ("circle", "purple"), background="black", direction="right", speed="slowly"),
-    _prompt("move", ("star", "green"), background="white", direction="left", speed="quickly"),
-    _prompt("grow", ("square", "red"), background="blue"),
-    _prompt("shrink", ("star", "white"), background="blue"),
-    _prompt("turn", ("triangle", "green"), background="black"),
-)
-QUICK_PROMPTS: tuple[str, ...] = (PROMPTS[1], PROMPTS[0])  # one moving, one static
-CAMERA_PROMPTS: dict[str, tuple[str, ...]] = {
-    "zoom-in": (
-        _prompt("zoom-in", ("circle", "red"), background="blue"),
-        _prompt("zoom-in", ("square", "green"), background="black"),
-        _prompt("zoom-in", ("triangle", "yellow"), background="white"),
-    ),
-    "pan-left": (
-        _prompt("pan-left", ("star", "white"), background="green"),
-        _prompt("pan-left", ("circle", "purple"), background="white"),
-        _prompt("pan-left", ("square", "blue"), background="black"),
-    ),
-}
-
-Clip = np.ndarray  # (F, H, W, 3) uint8
 Generated = list[tuple[str, Clip]]  # (caption, clip) per prompt and seed
 Log = Callable[[str], object]
-
-
-# --- metrics on clips (numpy only) ---------------------------------------------------------
-
-
-def _mean(values: Iterable) -> float | None:
-    values = [float(v) for v in values]
-    return float(np.mean(values)) if values else None
-
-
-def frame_alignment(frame, text: str) -> dict[str, bool]:
-    """Which claims of the caption hold in one frame: ``colour`` (every named colour covers an
-    object), ``shape`` (each has its named shape), ``background``, and ``all`` of them."""
-    rgb = as_frames(frame)
-    parsed = parse_caption(text)
-    colour = shape = True
-    for name, form in parsed.objects:
-        mask = object_mask(rgb, name)
-        colour = colour and bool(mask.mean() >= MIN_AREA)
-        shape = shape and classify_shape(mask) == form
-    background = parsed.background is None or background_colour(rgb) == parsed.background
-    ok = bool(parsed.objects) or parsed.background is not None
-    return {
-        "colour": colour,
-        "shape": shape,
-        "background": background,
-        "all": ok and colour and shape and background,
-    }
-
-
-def clip_alignment(frames, text: str) -> dict[str, bool]:
-    """Each claim of ``frame_alignment`` for a clip: true when it holds in most frames."""
-    checks = [frame_alignment(f, text) for f in as_frames(frames)]
-    return {k: float(np.mean([c[k] for c in checks])) > 0.5 for k in checks[0]}
-
-
-def watermark_rate(frames: Iterable) -> float | None:
-    """Share of frames with a watermark (``detect.has_watermark``)."""
-    return _mean(has_watermark(f) for f in frames)
-
-
-def clip_metrics(clips: Sequence, captions: Sequence[str]) -> dict:
-    """The clip metrics of the module docstring over clips and their captions."""
-    if len(clips) != len(captions):
-        raise ValueError(f"{len(clips)} clips for {len(captions)} captions")
-    clips = [as_frames(c) for c in clips]
-    aligned = [clip_alignment(c, t) for c, t in zip(clips, captions)]
-    kinds = [parse_caption(t).kind for t in captions]
-    motion = [motion_alignment(c, t) for c, t in zip(clips, captions)]
-    frames = [f for c in clips for f in c]
-    styles = [style_scores(f) for f in frames]
-    names = list(styles[0]) if styles else ["plain", *STYLES]
-    return {
-        "clips": len(clips),
-        "text_alignment": _mean(a["all"] for a in aligned),
-        "colour_alignment": _mean(a["colour"] for a in aligned),
-        "shape_alignment": _mean(a["shape"] for a in aligned),
-        "background_alignment": _mean(a["background"] for a in aligned),
-        "temporal_consistency": _mean(temporal_consistency(c) for c in clips),
-        "motion_smoothness": _mean(motion_smoothness(track(c)) for c in clips),
-        "dynamic_degree": _mean(is_dynamic(c) for c in clips),
-        "motion_alignment": _mean(motion),
-        "motion_alignment_by_kind": {
-            k: _mean(m for m, kind in zip(motion, kinds) if kind == k) for k in dict.fromkeys(kinds)
-        },
-        "watermark_rate": watermark_rate(frames),
-        "style_scores": {s: _mean(d[s] for d in styles) for s in names},
-        "style_rate": {s: _mean(max(d, key=d.get) == s for d in styles) for s in names},
-    }
-
-
-def domain_similarity(metrics: Mapping, stills: Mapping, style: str | None) -> dict:
-    """Style score of a row's frames, of the same model's stills, and their ratio."""
-    if style is None:
-        return {"style_score": None, "style_score_stills": None, "domain_similarity": None}
-    score = metrics["style_scores"].get(style)
-    reference = stills["style_scores"].get(style)
-    ratio = None
-    if score is not None and reference is not None and reference >= STILLS_MIN:
-        ratio = score / reference
-    return {"style_score": score, "style_score_stills": reference, "domain_similarity": ratio}
-
-
-def camera_motion(clips: Sequence, captions: Sequence[str]) -> dict:
-    """MotionLoRA metrics of the module docstring: area ratio and x displacement of the
-    caption's first-named object from the first to the last frame."""
-    ratios, dxs = [], []
-    for clip, text in zip(clips, captions):
-        parsed = parse_caption(text)
-        path = track(clip, parsed.objects[0][0] if parsed.objects else None)
-        (x0, _, a0), (x1, _, a1) = path[0], path[-1]
-        if math.isnan(x0) or math.isnan(x1):
-            continue
-        ratios.append(a1 / a0)
-        dxs.append(x1 - x0)
-    return {
-        "clips": len(clips),
-        "area_ratio": _mean(ratios),
-        "dx": _mean(dxs),
-        "tracked": _mean([1.0] * len(ratios) + [0.0] * (len(clips) - len(ratios))),
-        "motion_alignment": _mean(motion_alignment(c, t) for c, t in zip(clips, captions)),
-    }
-
-
-def camera_effect(kind: str | None, on: Mapping, off: Mapping) -> bool | None:
-    """Whether a MotionLoRA of ``kind`` does its motion: strength 1 (``on``) vs 0 (``off``)."""
-    if kind == "zoom-in":
-        if on["area_ratio"] is None:
-            return False
-        return on["area_ratio"] > 1 and on["area_ratio"] > (off["area_ratio"] or 0.0)
-    if kind == "pan-left":
-        if on["dx"] is None:
-            return False
-        along = on["dx"] * PAN_LEFT_DX
-        return along > 0 and along > (off["dx"] or 0.0) * PAN_LEFT_DX
-    return None
 
 
 # --- generation ---------------------------------------------------------------------------
@@ -271,7 +119,6 @@ class _Sampler:
     negative_prompt: str = NEGATIVE_PROMPT
 
     def __call__(self, pipe, prompts: Sequence[str], motion_scale: float = 1.0) -> Generated:
-        import torch
 
         out: Generated = []
         for seed in self.seeds:
@@ -304,13 +151,9 @@ class _Pipelines:
 
     def get(self, key: str, unet_folder: Path | None = None, **load):
         if key not in self._pipes:
-            from ..pipeline import AnimationPipeline
-
             self.log(f"[evaluate] loading {key}")
             pipe = AnimationPipeline.load(**load, device=self.device)
             if unet_folder is not None:  # the baseline's own fine-tuned image layers
-                from diffusers import UNet2DConditionModel
-
                 sd = UNet2DConditionModel.from_pretrained(unet_folder).state_dict()
                 pipe.unet.unet.load_state_dict(sd)
             self._pipes[key] = pipe
@@ -321,8 +164,6 @@ class _Pipelines:
         if self._pipes.pop(key, None) is not None:
             gc.collect()
             if str(self.device).startswith("cuda"):
-                import torch
-
                 torch.cuda.empty_cache()
 
     def close(self) -> None:
@@ -378,8 +219,6 @@ def _kind_of_motion_lora(name: str, info: Mapping) -> str | None:
 
 def lora_rank(path: str | os.PathLike) -> int | None:
     """Rank of a LoRA file (rows of its first down/A matrix); None if it cannot be read."""
-    from ..checkpoints.io import load_state_dict
-
     try:
         sd = load_state_dict(path)
     except Exception:
@@ -392,12 +231,266 @@ def lora_rank(path: str | os.PathLike) -> int | None:
 
 def _builtin_names() -> tuple[tuple[str, ...], tuple[str, ...], int]:
     """Personal styles and MotionLoRAs the built-in model ships, and its MotionLoRA clip count."""
-    from .build import DATA, MOTION_LORAS, STYLE_LORA
-
     return (*STYLES, f"{STYLE_LORA}-lora"), MOTION_LORAS, DATA["motion_lora_clips"]
 
 
+def _adapter_off(main: Mapping) -> dict:
+    return {**main, "model": "base + motion module (adapter 0.0)", "adapter_scale": 0.0}
+
+
+def _camera_motion(generated: Generated) -> dict:
+    return camera_motion(_clips(generated), _texts(generated))
+
+
+def _motion_lora_entries(
+    manifest: Mapping, extras: Mapping | None, expected: Sequence[str], builtin_clips: int
+) -> dict[str, tuple[Path | None, dict, str]]:
+    """``{name: (file, info, source)}``: the built-in MotionLoRAs expected or shipped (file None
+    when not installed), then the extras."""
+    entries: dict[str, tuple[Path | None, dict, str]] = {}
+    shipped = manifest.get("motion_loras", {})
+    for name in dict.fromkeys([*expected, *shipped]):
+        path = builtin.motion_lora(name) if name in shipped else None
+        info = {k: v for k, v in shipped.get(name, {}).items() if k != "file"}
+        entries[name] = (path, {"clips": builtin_clips, **info}, "builtin")
+    for name, (path, info) in (extras or {}).items():
+        entries[name] = (Path(path), dict(info), "extra")
+    return entries
+
+
+def _camera_effects(
+    kind: str | None,
+    on: Mapping[int, Generated],
+    off: Mapping[int, Generated],
+    pooled: Sequence[int],
+    camera_seeds: Sequence[int],
+) -> dict:
+    """A MotionLoRA's row from its clips per seed at strength 1 (``on``) and 0 (``off``): the
+    metrics over the ``pooled`` seeds, and its effect at each of ``camera_seeds`` alone."""
+    strength = {
+        key: _camera_motion([g for s in pooled for g in gens[s]])
+        for key, gens in (("1.0", on), ("0.0", off))
+    }
+    by_seed = {
+        str(s): camera_effect(kind, _camera_motion(on[s]), _camera_motion(off[s]))
+        for s in camera_seeds
+    }
+    return {
+        "status": "ok",
+        "strength": strength,
+        "effect": camera_effect(kind, strength["1.0"], strength["0.0"]),
+        "effect_by_seed": by_seed,
+        "seeds_in_direction": sum(bool(v) for v in by_seed.values()),
+    }
+
+
 # --- the evaluation -----------------------------------------------------------------------
+
+BASE = "base + motion module"
+
+
+@dataclass
+class _Evaluation:
+    """One evaluation's sampler, prompts and models, and its frame-by-frame and image-layer
+    baseline rows, filled in as the rows they belong to are measured."""
+
+    sample: _Sampler
+    prompts: Sequence[str]
+    pipes: _Pipelines
+    log: Log
+    baseline: tuple | None  # `builtin.baseline()`: (fine-tuned UNet folder, motion module)
+    frame_by_frame: dict[str, dict] = field(default_factory=dict)
+    image_layers: dict[str, dict] = field(default_factory=dict)
+
+    def with_stills(self, key: str, name: str, style: str | None, **load) -> dict:
+        """The row of model ``key`` and, as ``name``'s frame-by-frame row, its own stills."""
+        pipe = self.pipes.get(key, **load)
+        t = time.perf_counter()
+        stills = self.sample(pipe, self.prompts, motion_scale=0.0)
+        self.frame_by_frame[name] = _row(f"{name}, frame by frame", style, stills, None, t)
+        del stills
+        t = time.perf_counter()
+        return _row(key, style, self.sample(pipe, self.prompts), self.frame_by_frame[name], t)
+
+    def against_stills(self, key: str, name: str, style: str | None, **load) -> dict:
+        """The row of model ``key``, its domain measured against ``name``'s stills."""
+        pipe = self.pipes.get(key, **load)
+        t = time.perf_counter()
+        return _row(key, style, self.sample(pipe, self.prompts), self.frame_by_frame[name], t)
+
+    def main_row(self) -> dict:
+        self.log(f"[evaluate] main: {len(self.prompts)} prompts x {len(self.sample.seeds)} seeds")
+        return self.with_stills(BASE, "base", "plain")
+
+    def motion_lora_rows(
+        self,
+        entries: Mapping[str, tuple[Path | None, dict, str]],
+        camera: Mapping[str, Sequence[str]],
+        camera_seeds: Sequence[int],
+    ) -> dict:
+        """Every MotionLoRA attached to the base in turn, at strength 1 and 0 on camera prompts,
+        at the evaluation's seeds (pooled) and at each of ``camera_seeds`` alone; the strength-0
+        clips of a prompt set and seed are generated once."""
+        pipe = self.pipes.get(BASE)
+        seeds = tuple(dict.fromkeys([*self.sample.seeds, *camera_seeds]))
+        off_cache: dict[tuple, Generated] = {}  # strength 0 = no MotionLoRA: shared by all
+        rows = {}
+        for name, (path, info, source) in entries.items():
+            kind = _kind_of_motion_lora(name, info)
+            row: dict = {"source": source, "kind": kind, "rank": info.get("rank"), "info": info}
+            row["clips"] = info.get("clips")
+            if path is None or not path.exists():
+                rows[name] = {"status": SKIPPED, **row}
+                continue
+            row["file"] = str(path)
+            if row["rank"] is None:
+                row["rank"] = lora_rank(path)
+            every = [p for v in camera.values() for p in v]
+            prompts = tuple(camera[kind] if kind in camera else every)
+
+            def measure(name=name, path=path, kind=kind, prompts=prompts) -> dict:
+                self.log(
+                    f"[evaluate] MotionLoRA {name} ({kind}) at strength 1 and 0, seeds {seeds}"
+                )
+                on = self.on_and_off(pipe, name, path, prompts, seeds, off_cache)
+                off = {s: off_cache[prompts, s] for s in seeds}
+                return _camera_effects(kind, on, off, self.sample.seeds, camera_seeds)
+
+            rows[name] = {**row, **_guarded(f"MotionLoRA {name}", self.log, measure)}
+        return rows
+
+    def on_and_off(self, pipe, name: str, path: Path, prompts: tuple, seeds, off_cache) -> dict:
+        """Clips per seed with the MotionLoRA at strength 1; those at 0 (no MotionLoRA) go into
+        ``off_cache`` under ``(prompts, seed)`` unless there already."""
+        label = pipe.add_motion_lora(path, 1.0, name=f"evaluate:{name}")
+        try:
+            on = {s: replace(self.sample, seeds=(s,))(pipe, prompts) for s in seeds}
+            pipe.set_motion_lora_strength(label, 0.0)
+            for s in seeds:
+                if (prompts, s) not in off_cache:
+                    off_cache[prompts, s] = replace(self.sample, seeds=(s,))(pipe, prompts)
+        finally:
+            pipe.remove_motion_lora(label)
+        return on
+
+    def adapter_rows(self, main: Mapping) -> dict:
+        """The domain adapter merged at 1.0 against 0.0 (the main row)."""
+        rows = {"1.0": {"status": SKIPPED}, "0.0": _adapter_off(main)}
+        adapter = builtin.adapter()
+        if adapter is None:
+            return rows
+        key = "base + adapter 1.0 + motion module"
+
+        def row() -> dict:
+            self.log("[evaluate] domain adapter at 1.0")
+            measured = self.against_stills(key, "base", "plain", adapter=(adapter, 1.0))
+            return {**measured, "adapter_scale": 1.0}
+
+        rows["1.0"] = _guarded("adapter", self.log, row)
+        self.pipes.release(key)
+        return rows
+
+    def personal_rows(self, manifest: Mapping, expected: Sequence[str]) -> dict:
+        shipped = manifest.get("personal", {})
+        return {
+            name: self.personal_row(name, shipped.get(name))
+            for name in dict.fromkeys([*expected, *shipped])
+        }
+
+    def personal_row(self, name: str, entry: Mapping | None) -> dict:
+        """A personal model's row; its frame-by-frame row and the image-layer baseline in it
+        go into theirs."""
+        if entry is None:
+            skipped = {"status": SKIPPED}
+            self.frame_by_frame[name] = self.image_layers[name] = skipped
+            return skipped
+        style = _style_of(name, entry)
+        kind, path = builtin.personal(name)
+        load = {"checkpoint": {"personal": path}, "lora": {"loras": [(path, 1.0)]}}.get(kind)
+        if load is None or not Path(path).exists():
+            status = SKIPPED if load is not None else f"skipped: unknown kind {kind!r}"
+            skipped = {"status": status}
+            self.frame_by_frame[name] = self.image_layers[name] = skipped
+            return skipped
+        key = f"{name} + motion module"
+
+        def rows() -> dict:
+            self.log(f"[evaluate] personal {name} ({style})")
+            return self.with_stills(key, name, style, **load)
+
+        row = {"kind": kind, **_guarded(name, self.log, rows)}
+        self.frame_by_frame.setdefault(name, {"status": row["status"]})
+        self.pipes.release(key)
+        self.image_layers[name] = self.baseline_in(name, style, load)
+        return row
+
+    def baseline_in(self, name: str, style: str | None, load: Mapping) -> dict:
+        """The image-layer-trained motion module in personal model ``name``."""
+        if self.baseline is None:
+            return {"status": SKIPPED}
+        if self.frame_by_frame[name]["status"] != "ok":
+            return {"status": "skipped: personal model failed"}
+        key = f"{name} + image-layer-trained motion module"
+        motion_module = self.baseline[1]
+
+        def row() -> dict:
+            self.log(f"[evaluate] baseline motion module in {name}")
+            return self.against_stills(key, name, style, motion_module=motion_module, **load)
+
+        measured = _guarded(key, self.log, row)
+        self.pipes.release(key)
+        return measured
+
+    def native_baseline(self) -> dict:
+        """The image-layer-trained motion module on its own fine-tuned UNet."""
+        if self.baseline is None or not Path(self.baseline[0]).exists():
+            return {"status": SKIPPED}
+        key = "fine-tuned base + image-layer-trained motion module"
+        unet, motion_module = self.baseline
+
+        def row() -> dict:
+            self.log("[evaluate] baseline motion module with its fine-tuned UNet")
+            load = {"unet_folder": unet, "motion_module": motion_module}
+            return self.against_stills(key, "base", "plain", **load)
+
+        measured = _guarded(key, self.log, row)
+        self.pipes.release(key)
+        return measured
+
+
+def _camera(quick: bool, seeds: tuple[int, ...], camera_seeds: Sequence[int] | None) -> tuple:
+    """The camera prompts per MotionLoRA kind, and the seeds a MotionLoRA is judged at."""
+    camera = {k: v[:1] if quick else v for k, v in CAMERA_PROMPTS.items()}
+    if camera_seeds is None:
+        camera_seeds = seeds if quick else CAMERA_SEEDS
+    return camera, tuple(int(s) for s in camera_seeds)
+
+
+def _settings_record(sample: _Sampler, prompts, camera, camera_seeds, quick, device) -> dict:
+    return {
+        "steps": sample.steps,
+        "guidance_scale": sample.guidance_scale,
+        "num_frames": sample.num_frames,
+        "height": sample.size,
+        "width": sample.size,
+        "seeds": list(sample.seeds),
+        "prompts": list(prompts),
+        "camera_prompts": {k: list(v) for k, v in camera.items()},
+        "camera_seeds": list(camera_seeds),
+        "negative_prompt": sample.negative_prompt,
+        "quick": quick,
+        "device": str(device),
+    }
+
+
+def _model_record(manifest: Mapping) -> dict:
+    model = builtin_model()
+    return {
+        "trained": model.trained,
+        "base": str(model.base),
+        "motion_module": str(model.motion_module),
+        "manifest": manifest,
+    }
 
 
 def evaluate(
@@ -411,6 +504,7 @@ def evaluate(
     extra_motion_loras: Mapping[str, tuple[str | os.PathLike, Mapping]] | None = None,
     device: str | None = None,
     size: int = SIZE,
+    camera_seeds: Sequence[int] | None = None,
 ) -> dict:
     """Generate with the built-in model and its extras and measure them (module docstring).
 
@@ -419,431 +513,45 @@ def evaluate(
     ``progress``: called with one line per step (None: silent). ``extra_motion_loras``:
     ``{name: (path, info)}`` with info such as ``{"rank": 2, "clips": 10}`` (and optionally
     ``"kind"``: "zoom-in" or "pan-left", else read from the name), reported beside the built-in
-    MotionLoRAs. Returns ``{"settings", "model", "main", "personal", "baselines": {"frame_by_frame",
-    "image_layers"}, "adapter", "motion_loras", "seconds"}``.
+    MotionLoRAs. ``camera_seeds``: the seeds each MotionLoRA's effect is judged at one by one
+    (default ``CAMERA_SEEDS``; quick: the evaluation's seeds). Returns ``{"settings", "model",
+    "main", "personal", "baselines": {"frame_by_frame", "image_layers"}, "adapter",
+    "motion_loras", "seconds"}``.
     """
-    import torch
-
-    from .. import builtin
-
     log: Log = progress or (lambda _: None)
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = QUICK_PROMPTS if quick else PROMPTS[:num_prompts]
     seeds = tuple(int(s) for s in (seeds if seeds is not None else QUICK_SEEDS if quick else SEEDS))
-    camera = {k: v[:1] if quick else v for k, v in CAMERA_PROMPTS.items()}
+    camera, camera_seeds = _camera(quick, seeds, camera_seeds)
     sample = _Sampler(steps, guidance_scale, num_frames, size, seeds)
-    model = builtin.builtin_model()
     manifest = builtin.manifest()
-    expected_personal, expected_motion_loras, motion_lora_clips = _builtin_names()
-    results: dict = {
-        "settings": {
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "num_frames": num_frames,
-            "height": size,
-            "width": size,
-            "seeds": list(seeds),
-            "prompts": list(prompts),
-            "camera_prompts": {k: list(v) for k, v in camera.items()},
-            "negative_prompt": NEGATIVE_PROMPT,
-            "quick": quick,
-            "device": str(device),
-        },
-        "model": {
-            "trained": model.trained,
-            "base": str(model.base),
-            "motion_module": str(model.motion_module),
-            "manifest": manifest,
-        },
+    personal, motion_loras, motion_lora_clips = _builtin_names()
+    entries = _motion_lora_entries(manifest, extra_motion_loras, motion_loras, motion_lora_clips)
+    results = {
+        "settings": _settings_record(sample, prompts, camera, camera_seeds, quick, device),
+        "model": _model_record(manifest),
     }
-    pipes = _Pipelines(device, log)
-    frame_by_frame: dict[str, dict] = {}
-    image_layers: dict[str, dict] = {}
+    run = _Evaluation(sample, prompts, _Pipelines(device, log), log, builtin.baseline())
     try:
-        # -- the base: main row, its stills, the MotionLoRAs (attached to it in turn) --------
-        log(f"[evaluate] main: {len(prompts)} prompts x {len(seeds)} seeds")
-        pipe = pipes.get("base + motion module")
-        t = time.perf_counter()
-        stills_gen = sample(pipe, prompts, motion_scale=0.0)
-        frame_by_frame["base"] = _row("base, frame by frame", "plain", stills_gen, None, t)
-        t = time.perf_counter()
-        main_gen = sample(pipe, prompts)
-        results["main"] = _row("base + motion module", "plain", main_gen, frame_by_frame["base"], t)
-        del stills_gen, main_gen
-        results["motion_loras"] = _motion_lora_rows(
-            pipe,
-            sample,
-            camera,
-            manifest,
-            extra_motion_loras,
-            expected_motion_loras,
-            motion_lora_clips,
-            log,
-        )
-        pipes.release("base + motion module")
-
-        # -- the domain adapter at 1.0 vs 0.0 (= the main row) -------------------------------
-        results["adapter"] = {"1.0": {"status": SKIPPED}, "0.0": _adapter_off(results["main"])}
-        adapter = builtin.adapter()
-        if adapter is not None:
-
-            def adapter_row() -> dict:
-                log("[evaluate] domain adapter at 1.0")
-                pipe = pipes.get("base + adapter 1.0 + motion module", adapter=(adapter, 1.0))
-                t = time.perf_counter()
-                row = _row(
-                    "base + adapter 1.0 + motion module",
-                    "plain",
-                    sample(pipe, prompts),
-                    frame_by_frame["base"],
-                    t,
-                )
-                return {**row, "adapter_scale": 1.0}
-
-            results["adapter"]["1.0"] = _guarded("adapter", log, adapter_row)
-            pipes.release("base + adapter 1.0 + motion module")
-
-        # -- personal styles, frame by frame, and the image-layer baseline in each ------------
-        baseline = builtin.baseline()
-        personal: dict[str, dict] = {}
-        names = list(dict.fromkeys([*expected_personal, *manifest.get("personal", {})]))
-        for name in names:
-            entry = manifest.get("personal", {}).get(name)
-            if entry is None:
-                personal[name] = frame_by_frame[name] = image_layers[name] = {"status": SKIPPED}
-                continue
-            style = _style_of(name, entry)
-            kind, path = builtin.personal(name)
-            load = {"checkpoint": {"personal": path}, "lora": {"loras": [(path, 1.0)]}}.get(kind)
-            if load is None or not Path(path).exists():
-                status = SKIPPED if load is not None else f"skipped: unknown kind {kind!r}"
-                personal[name] = frame_by_frame[name] = image_layers[name] = {"status": status}
-                continue
-            key = f"{name} + motion module"
-
-            def personal_rows(name=name, style=style, load=load, key=key) -> dict:
-                log(f"[evaluate] personal {name} ({style})")
-                pipe = pipes.get(key, **load)
-                t = time.perf_counter()
-                stills_gen = sample(pipe, prompts, motion_scale=0.0)
-                frame_by_frame[name] = _row(f"{name}, frame by frame", style, stills_gen, None, t)
-                t = time.perf_counter()
-                return _row(key, style, sample(pipe, prompts), frame_by_frame[name], t)
-
-            personal[name] = {"kind": kind, **_guarded(name, log, personal_rows)}
-            frame_by_frame.setdefault(name, {"status": personal[name]["status"]})
-            pipes.release(key)
-            if baseline is None:
-                image_layers[name] = {"status": SKIPPED}
-            elif name not in frame_by_frame or frame_by_frame[name]["status"] != "ok":
-                image_layers[name] = {"status": "skipped: personal model failed"}
-            else:
-                key = f"{name} + image-layer-trained motion module"
-
-                def baseline_row(name=name, style=style, load=load, key=key) -> dict:
-                    log(f"[evaluate] baseline motion module in {name}")
-                    pipe = pipes.get(key, motion_module=baseline[1], **load)
-                    t = time.perf_counter()
-                    return _row(key, style, sample(pipe, prompts), frame_by_frame[name], t)
-
-                image_layers[name] = _guarded(key, log, baseline_row)
-                pipes.release(key)
-        results["personal"] = personal
-
-        # -- the baseline on its own fine-tuned UNet -----------------------------------------
-        if baseline is None or not Path(baseline[0]).exists():
-            image_layers = {"base": {"status": SKIPPED}, **image_layers}
-        else:
-            key = "fine-tuned base + image-layer-trained motion module"
-
-            def native_row() -> dict:
-                log("[evaluate] baseline motion module with its fine-tuned UNet")
-                pipe = pipes.get(key, unet_folder=baseline[0], motion_module=baseline[1])
-                t = time.perf_counter()
-                return _row(key, "plain", sample(pipe, prompts), frame_by_frame["base"], t)
-
-            image_layers = {"base": _guarded(key, log, native_row), **image_layers}
-            pipes.release(key)
-        results["baselines"] = {"frame_by_frame": frame_by_frame, "image_layers": image_layers}
+        results["main"] = run.main_row()
+        results["motion_loras"] = run.motion_lora_rows(entries, camera, camera_seeds)
+        run.pipes.release(BASE)
+        results["adapter"] = run.adapter_rows(results["main"])
+        results["personal"] = run.personal_rows(manifest, personal)
+        image_layers = {"base": run.native_baseline(), **run.image_layers}
+        results["baselines"] = {"frame_by_frame": run.frame_by_frame, "image_layers": image_layers}
     finally:
-        pipes.close()
+        run.pipes.close()
     results["seconds"] = round(time.perf_counter() - start, 1)
     log(f"[evaluate] done in {results['seconds']} s")
     order = ("settings", "model", "main", "personal", "baselines", "adapter", "motion_loras")
     return {**{k: results[k] for k in order}, "seconds": results["seconds"]}
 
 
-def _adapter_off(main: Mapping) -> dict:
-    return {**main, "model": "base + motion module (adapter 0.0)", "adapter_scale": 0.0}
-
-
-def _motion_lora_rows(
-    pipe,
-    sample: _Sampler,
-    camera: Mapping[str, Sequence[str]],
-    manifest: Mapping,
-    extras: Mapping | None,
-    expected: Sequence[str],
-    builtin_clips: int,
-    log: Log,
-) -> dict:
-    """Every MotionLoRA attached to ``pipe`` in turn, at strength 1 and 0 on camera prompts;
-    the strength-0 clips of a prompt set are generated once."""
-    from .. import builtin
-
-    entries: dict[str, tuple[Path | None, dict, str]] = {}
-    shipped = manifest.get("motion_loras", {})
-    for name in dict.fromkeys([*expected, *shipped]):
-        path = builtin.motion_lora(name) if name in shipped else None
-        info = {k: v for k, v in shipped.get(name, {}).items() if k != "file"}
-        entries[name] = (path, {"clips": builtin_clips, **info}, "builtin")
-    for name, (path, info) in (extras or {}).items():
-        entries[name] = (Path(path), dict(info), "extra")
-    off_cache: dict[tuple[str, ...], dict] = {}
-    rows = {}
-    for name, (path, info, source) in entries.items():
-        kind = _kind_of_motion_lora(name, info)
-        row: dict = {"source": source, "kind": kind, "rank": info.get("rank"), "info": info}
-        row["clips"] = info.get("clips")
-        if path is None or not path.exists():
-            rows[name] = {"status": SKIPPED, **row}
-            continue
-        row["file"] = str(path)
-        if row["rank"] is None:
-            row["rank"] = lora_rank(path)
-        prompts = tuple(camera[kind] if kind in camera else [p for v in camera.values() for p in v])
-
-        def measure(name=name, path=path, kind=kind, prompts=prompts) -> dict:
-            log(f"[evaluate] MotionLoRA {name} ({kind}) at strength 1 and 0")
-            label = pipe.add_motion_lora(path, 1.0, name=f"evaluate:{name}")
-            try:
-                gen = sample(pipe, prompts)
-                on = camera_motion(_clips(gen), _texts(gen))
-                if prompts not in off_cache:
-                    pipe.set_motion_lora_strength(label, 0.0)
-                    gen = sample(pipe, prompts)
-                    off_cache[prompts] = camera_motion(_clips(gen), _texts(gen))
-            finally:
-                pipe.remove_motion_lora(label)
-            off = off_cache[prompts]
-            return {
-                "status": "ok",
-                "strength": {"1.0": on, "0.0": off},
-                "effect": camera_effect(kind, on, off),
-            }
-
-        rows[name] = {**row, **_guarded(f"MotionLoRA {name}", log, measure)}
-    return rows
-
-
-# --- reporting -----------------------------------------------------------------------------
-
-
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in rows:
-        cells = [_cell(v) for v in row] + [""] * (len(header) - len(row))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-QUALITY_COLUMNS = (
-    ("text", "text_alignment"),
-    ("colour", "colour_alignment"),
-    ("shape", "shape_alignment"),
-    ("background", "background_alignment"),
-    ("consistency", "temporal_consistency"),
-    ("smoothness", "motion_smoothness"),
-    ("dynamic", "dynamic_degree"),
-    ("motion", "motion_alignment"),
-    ("style", "style"),
-    ("style score", "style_score"),
-    ("stills", "style_score_stills"),
-    ("domain sim.", "domain_similarity"),
-    ("watermark", "watermark_rate"),
-)
-
-
-def _quality_row(label: str, row: Mapping | None) -> list:
-    if row is None:
-        return [label, "not evaluated"]
-    if row.get("status", "ok") != "ok":
-        return [label, row["status"]]
-    return [label, *(row.get(key) for _, key in QUALITY_COLUMNS)]
-
-
-def format_table(results: Mapping) -> str:
-    """Markdown: the Table-1 rows, the domain-adapter ablation and the MotionLoRA table."""
-    s = results.get("settings", {})
-    trained = results.get("model", {}).get("trained")
-    lines = [
-        f"Settings: {s.get('steps')} steps, guidance {s.get('guidance_scale')}, "
-        f"{s.get('num_frames')} frames at {s.get('width')}x{s.get('height')}, "
-        f"{len(s.get('prompts', []))} prompts x seeds {s.get('seeds')}; "
-        f"model: {'trained' if trained else 'random (metrics meaningless)'}; "
-        f"{results.get('seconds')} s",
-        "",
-        "Animation quality (Table 1 and baselines)",
-        "",
-    ]
-    baselines = results.get("baselines", {})
-    fbf, layers = baselines.get("frame_by_frame", {}), baselines.get("image_layers", {})
-    rows = [
-        _quality_row("base + motion module", results.get("main")),
-        _quality_row("base, frame by frame", fbf.get("base")),
-        _quality_row("fine-tuned base + image-layer-trained MM", layers.get("base")),
-    ]
-    for name, row in results.get("personal", {}).items():
-        rows += [
-            _quality_row(f"{name} + motion module", row),
-            _quality_row(f"{name}, frame by frame", fbf.get(name)),
-            _quality_row(f"{name} + image-layer-trained MM", layers.get(name)),
-        ]
-    lines += _table(["model", *(h for h, _ in QUALITY_COLUMNS)], rows)
-    lines += ["", "Domain adapter (base + motion module)", ""]
-    adapter_rows = []
-    for scale, row in results.get("adapter", {}).items():
-        if row.get("status", "ok") != "ok":
-            adapter_rows.append([scale, row["status"]])
-        else:
-            adapter_rows.append(
-                [scale]
-                + [
-                    row.get(k)
-                    for k in (
-                        "watermark_rate",
-                        "text_alignment",
-                        "temporal_consistency",
-                        "dynamic_degree",
-                        "motion_alignment",
-                    )
-                ]
-            )
-    lines += _table(
-        ["adapter scale", "watermark rate", "text", "consistency", "dynamic", "motion"],
-        adapter_rows,
-    )
-    lines += [
-        "",
-        f"MotionLoRA (strength 1 vs 0; pan-left moves content by sign {PAN_LEFT_DX:+d})",
-        "",
-    ]
-    lora_rows = []
-    for name, row in results.get("motion_loras", {}).items():
-        head = [name, row.get("source"), row.get("kind"), row.get("rank"), row.get("clips")]
-        if row.get("status") != "ok":
-            lora_rows.append([*head, row.get("status")])
-            continue
-        on, off = row["strength"]["1.0"], row["strength"]["0.0"]
-        lora_rows.append(
-            [
-                *head,
-                on["area_ratio"],
-                off["area_ratio"],
-                on["dx"],
-                off["dx"],
-                on["motion_alignment"],
-                off["motion_alignment"],
-                row.get("effect"),
-            ]
-        )
-    lines += _table(
-        [
-            "MotionLoRA",
-            "source",
-            "kind",
-            "rank",
-            "clips",
-            "area ratio s=1",
-            "s=0",
-            "dx s=1",
-            "s=0",
-            "motion s=1",
-            "s=0",
-            "effect",
-        ],
-        lora_rows,
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _jsonable(value):
-    """Plain JSON values: numpy scalars as Python numbers, non-finite floats as null."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, os.PathLike):
-        return str(value)
-    return value
-
-
-def save_results(results: Mapping, path: str | os.PathLike) -> Path:
-    """Write the results as JSON, atomically (a temporary file beside it, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _extra(text: str) -> tuple[str, tuple[str, dict]]:
-    """NAME=PATH[,rank=R,clips=N,kind=K] -> (name, (path, info))."""
-    name, _, rest = text.partition("=")
-    path, *pairs = rest.split(",")
-    if not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH[,rank=R,clips=N], got {text!r}")
-    info = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        info[key] = int(value) if value.isdigit() else value
-    return name, (path, info)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `animatediff evaluate`."""
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
-    p.add_argument("--frames", type=int, default=NUM_FRAMES)
-    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {' '.join(map(str, SEEDS))}")
-    p.add_argument("--quick", action="store_true", help="2 prompts, 1 seed")
-    p.add_argument("--prompts", type=int, help=f"the first N of the {len(PROMPTS)} prompts")
-    p.add_argument("--device")
-    p.add_argument(
-        "--extra-motion-lora",
-        type=_extra,
-        action="append",
-        default=[],
-        metavar="NAME=PATH[,rank=R,clips=N]",
-    )
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
-
-
 def run(args: argparse.Namespace) -> dict:
+    if getattr(args, "student", None) is not None:
+        return run_comparison(args)
     results = evaluate(
         steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -851,6 +559,7 @@ def run(args: argparse.Namespace) -> dict:
         quick=args.quick,
         num_prompts=args.prompts,
         seeds=args.seeds,
+        camera_seeds=args.camera_seeds,
         extra_motion_loras=dict(args.extra_motion_lora),
         device=args.device,
     )

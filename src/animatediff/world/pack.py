@@ -5,16 +5,21 @@ MotionLoRAs in the official MotionLoRA layout; `manifest.json` names them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from ..builtin import PACKAGE_DATA
+from ..checkpoints.base import load_base
+from ..checkpoints.export import kohya_from_official, save_single_file
 from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict
-from .build import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
+from .recipe import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
 from .styles import STYLES
 
 
@@ -25,9 +30,6 @@ def _half(src: Path, dst: Path) -> None:
 
 
 def _base_folder(src: Path, dst: Path) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     for name in ("tokenizer", "scheduler"):
         shutil.copytree(src / name, dst / name)
     shutil.copy(src / "model_index.json", dst / "model_index.json")
@@ -46,11 +48,6 @@ def _motion_lora(runs: Path, tmp: Path, name: str, manifest: dict, info: dict) -
 
 
 def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
-    from diffusers import UNet2DConditionModel
-
-    from ..checkpoints.base import load_base
-    from ..checkpoints.export import kohya_from_official, save_single_file
-
     runs = work / "runs"
     tmp = Path(tempfile.mkdtemp(prefix=".pack-", dir=target.parent))
     _base_folder(work / "base", tmp / "base")
@@ -83,6 +80,7 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
         UNet2DConditionModel.from_pretrained(
             baseline / "unet", torch_dtype=torch.float16
         ).save_pretrained(tmp / "baseline" / "unet")
+    _carry_students(target, tmp, manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if target.exists():
         shutil.rmtree(target)
@@ -90,3 +88,18 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     print(f"packed {target}: {size / 2**20:.1f} MiB")
     return target
+
+
+def _carry_students(target: Path, tmp: Path, manifest: dict) -> None:
+    """Keep the shipped few-step students (docs/distill/) whose teacher is still the packed
+    motion module; a student of another teacher is dropped, saying so (distil it again)."""
+    old = target / "manifest.json"
+    students = json.loads(old.read_text()).get("motion_modules", {}) if old.exists() else {}
+    teacher = hashlib.sha256((tmp / "motion_module.safetensors").read_bytes()).hexdigest()
+    for name, entry in students.items():
+        if entry.get("teacher_sha256") != teacher:
+            print(f"dropped {name}: distilled from another motion module; distil it again")
+            continue
+        (tmp / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(target / entry["file"], tmp / entry["file"])
+        manifest.setdefault("motion_modules", {})[name] = entry
