@@ -24,6 +24,7 @@ import torch
 from clirun import Run, assert_ok, assert_usage_error, cli, cli_environment
 
 from animatediff import builtin
+from animatediff.builtin.model import builtin_model
 from animatediff.video import read_video, video_info
 
 REF = Path(__file__).parent / "data" / "official_tiny"
@@ -468,16 +469,16 @@ def test_debug_shows_traceback(tmp_path) -> None:
 
 @pytest.mark.slow  # a process that imports torch and diffusers: 5-15 s
 def test_late_mistake_is_one_line_in_a_process(tmp_path) -> None:
-    """A file found bad once the models load (a truncated motion module): one line, exit 2 --
-    no progress bars or warnings of the libraries before it."""
-    data = (REF / "mm_v2.ckpt").read_bytes()
-    (tmp_path / "mm_cut.ckpt").write_bytes(data[: len(data) // 2])
+    """A file found bad only once it loads (a motion module cut short after its header, which
+    the first checks read): one line, exit 2 -- no progress bars or warnings before it."""
+    data = builtin_model().motion_module.read_bytes()
+    (tmp_path / "mm_cut.safetensors").write_bytes(data[: len(data) // 2])
     proc = process(
         tmp_path, sys.executable, "-m", "animatediff.cli.main",
-        "generate", PROMPT, *FAST, *TINY_BASE, "--motion-module", "mm_cut.ckpt",
+        "generate", PROMPT, *FAST, "--motion-module", "mm_cut.safetensors",
     )  # fmt: skip
     assert proc.returncode == 2, proc
-    assert proc.stderr.startswith("animatediff: error: mm_cut.ckpt"), proc
+    assert proc.stderr.startswith("animatediff: error: mm_cut.safetensors"), proc
     assert len(proc.stderr.strip().splitlines()) == 1, proc
     assert not proc.stdout, proc
 
