@@ -325,6 +325,12 @@ def test_command_and_config_regenerate_the_same_frames(model_dir, tmp_path):
     # a few-step preset (its scheduler settings: Euler with trailing timesteps)
     lightning = form(preset="lightning", scheduler="euler", steps=4, guidance_scale=1.0)
     round_trip(service, lightning, tmp_path / "lightning")
+    if builtin.manifest().get("motion_modules"):  # the built-in 4-step student, by its name
+        name = next(iter(builtin.manifest()["motion_modules"]))
+        student = form(motion_module=f"builtin:{name}", preset="auto", scheduler="lcm", steps=4,
+                       guidance_scale=2.0)  # fmt: skip
+        result = round_trip(service, student, tmp_path / "student")
+        assert f"--motion-module {name}" in result.command, result.command
     # a custom base, SparseCtrl keyframes, a ControlNet on a control video, an init image
     control = save_video(torch.rand(3, 8, 32, 32), tmp_path / "pose.gif")
     values = form(

@@ -241,7 +241,8 @@ def _model_flags(s: Settings) -> list[str]:
     if s.base is not None and not s.base.builtin:
         flags += ["--base", str(s.base.path)]
     if s.motion_module_path() is not None:
-        flags += ["--motion-module", s.motion_module_path()]
+        student = s.motion_module.builtin not in (None, "motion_module")  # a built-in name
+        flags += ["--motion-module", _name(s.motion_module) if student else s.motion_module_path()]
     if s.personal is not None:
         flags += ["--personal", _name(s.personal)]
     if s.vae is not None:
