@@ -43,6 +43,7 @@ from animatediff.world import (
     watermark_score,
     web_video,
 )
+from animatediff.world.build import restore_cache, save_cache
 from animatediff.world.datasets import motion_clips, write_images, write_videos
 from animatediff.world.detect import alignment_checks, displacement, object_mask
 from animatediff.world.domain import blur, watermark
@@ -457,3 +458,28 @@ def test_pack_keeps_a_student_of_the_packed_teacher_only(tmp_path):
         _carry_students(target, tmp, manifest)
         assert ("s" in manifest.get("motion_modules", {})) == kept
         assert (tmp / entry["file"]).exists() == kept
+
+
+def test_build_cache_mirrors_the_latest_checkpoint_only(tmp_path):
+    """save_cache keeps what the work folder holds now (stale checkpoints go, folders too);
+    restore_cache gives it back to a fresh work folder."""
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    old = work / "runs" / "base" / "checkpoints" / "step-00000001"
+    old.mkdir(parents=True)
+    (old / "trainable.safetensors").write_bytes(b"1")
+    save_cache(work, cache)
+    new = work / "runs" / "base" / "checkpoints" / "step-00000002"
+    new.mkdir()
+    (new / "trainable.safetensors").write_bytes(b"22")
+    (old / "trainable.safetensors").unlink()
+    old.rmdir()
+    save_cache(work, cache)
+    kept = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*"))
+    assert kept == [
+        "runs", "runs/base", "runs/base/checkpoints", "runs/base/checkpoints/step-00000002",
+        "runs/base/checkpoints/step-00000002/trainable.safetensors",
+    ]  # fmt: skip
+    restore_cache(cache, tmp_path / "fresh")
+    assert (
+        tmp_path / "fresh" / new.relative_to(work) / "trainable.safetensors"
+    ).read_bytes() == b"22"

@@ -251,6 +251,9 @@ def save_cache(work: Path, cache: Path) -> None:
     for f in _cache_files(cache):
         if f.relative_to(cache) not in keep:
             f.unlink()
+    for folder in sorted(cache.rglob("*"), reverse=True):  # deepest first: stale checkpoints
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     for rel in sorted(keep):
         src, dst = work / rel, cache / rel
         if not dst.exists() or dst.stat().st_size != src.stat().st_size or _newer(src, dst):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import builtin
+from ..builtin.model import builtin_model
 from ..checkpoints.base import load_base
 from ..checkpoints.io import load_state_dict
 from ..pipeline.prompt import encode_prompts
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=5000)
     p.add_argument("--kind", default="static", choices=KINDS, help="the captions' grammar")
     args = p.parse_args(argv)
-    image = load_base(args.base or builtin.builtin_model().base)
+    image = load_base(args.base or builtin_model().base)
     if args.checkpoint:
         load_checkpoint(image, args.checkpoint)
     ratios = caption_ratios(image, args.images, TIMESTEPS, args.seed, args.kind)
