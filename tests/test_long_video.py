@@ -150,8 +150,10 @@ def _peak(frames: int, context: str, env) -> int:
 )
 def test_peak_memory_is_bounded_by_the_window():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sixteen = _peak(16, "16", env)
-    windowed = _peak(64, "16", env)
+    # The allocator's high-water mark varies by tens of MiB from run to run (upwards only): the
+    # least of two runs of each.
+    sixteen = min(_peak(16, "16", env) for _ in range(2))
+    windowed = min(_peak(64, "16", env) for _ in range(2))
     whole = _peak(64, "none", env)
     print({"16": sixteen, "64 windowed": windowed, "64 whole": whole})
     assert windowed <= 1.5 * sixteen, (sixteen, windowed)
