@@ -9,7 +9,6 @@ failure is a :class:`CheckpointError` whose message starts with the offending fi
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -27,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import CheckpointError, first_keys
-from .kinds import sniff_format, unknown_format_reason
+from .kinds import invalid, read_safetensors_header, sniff_format, unknown_format_reason
 
 __all__ = [
     "CheckpointError",
@@ -50,8 +49,6 @@ _WRAPPER_KEYS = ("state_dict", "module", "model", "controlnet")
 _MAX_WRAP_DEPTH = 2
 # DDP ("module.") and torch.compile ("_orig_mod.") prefix every key of the wrapped model.
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
-# safetensors itself rejects headers above 100 MB; checking first avoids reading garbage.
-_MAX_SAFETENSORS_HEADER = 100_000_000
 _SAVE_SUFFIXES_TORCH = (".ckpt", ".pt", ".pth", ".bin")
 # weights_only=True had known bypasses (e.g. CVE-2025-32434) before torch 2.6.
 _SAFE_PICKLE_TORCH = (2, 6)
@@ -70,10 +67,6 @@ _DTYPE_NAMES = {
     torch.complex64: "c64",
     torch.complex128: "c128",
 }
-
-
-def _invalid(path: StrPath, reason: str) -> CheckpointError:
-    return CheckpointError(path, f"not a valid checkpoint ({reason})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +136,7 @@ def read_metadata(path: StrPath) -> dict[str, str]:
         return {}
     meta = _read_safetensors_header(file).get("__metadata__") or {}
     if not isinstance(meta, dict):
-        raise _invalid(file, "corrupt safetensors header: __metadata__ is not a mapping")
+        raise invalid(file, "corrupt safetensors header: __metadata__ is not a mapping")
     return {str(k): str(v) for k, v in meta.items()}
 
 
@@ -157,11 +150,11 @@ def unwrap_state_dict(obj: object, path: StrPath) -> dict[str, torch.Tensor]:
     ``{"image_proj.<key>": ..., "ip_adapter.<key>": ...}``, the layout of its safetensors files.
     """
     if not isinstance(obj, Mapping):
-        raise _invalid(path, f"it holds a {type(obj).__name__}, not a dict of tensors")
+        raise invalid(path, f"it holds a {type(obj).__name__}, not a dict of tensors")
     found = _find_tensor_dict(obj, depth=0) or _flatten_groups(obj)
     if found is None:
         keys = first_keys(str(k) for k in obj)
-        raise _invalid(path, f"it holds no tensors; top-level keys: {keys}")
+        raise invalid(path, f"it holds no tensors; top-level keys: {keys}")
     tensors = {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     return _strip_common_prefixes(tensors)
 
@@ -216,31 +209,19 @@ def _existing_file(path: StrPath) -> Path:
     if stat.S_ISDIR(st.st_mode):
         raise CheckpointError(file, "is a directory, not a checkpoint file")
     if st.st_size == 0:
-        raise _invalid(file, "file is empty")
+        raise invalid(file, "file is empty")
     return file
 
 
 def _read_safetensors_header(file: Path) -> dict[str, object]:
-    """Parse and sanity-check a safetensors header so truncation gets a clear message."""
-    size = file.stat().st_size
+    """The header (`kinds.read_safetensors_header`), and tensor data that is all there."""
+    header = read_safetensors_header(file)
     with file.open("rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
-            raise _invalid(
-                file,
-                f"truncated or corrupt safetensors file: header claims {header_len} bytes, "
-                f"file has {size} bytes",
-            )
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except ValueError as e:
-        raise _invalid(file, f"corrupt safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise _invalid(file, "corrupt safetensors header: not a JSON object")
+    size = file.stat().st_size
     needed = 8 + header_len + _data_end(file, header)
     if needed > size:
-        raise _invalid(
+        raise invalid(
             file, f"truncated safetensors file: tensor data needs {needed} bytes, file has {size}"
         )
     return header
@@ -253,9 +234,9 @@ def _data_end(file: Path, header: dict[str, object]) -> int:
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise _invalid(file, f"corrupt safetensors header: bad entry for {name!r}")
+            raise invalid(file, f"corrupt safetensors header: bad entry for {name!r}")
         if not all(isinstance(o, int) for o in offsets):
-            raise _invalid(file, f"corrupt safetensors header: bad offsets for {name!r}")
+            raise invalid(file, f"corrupt safetensors header: bad offsets for {name!r}")
         end = max(end, offsets[1])
     return end
 
@@ -265,7 +246,7 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(file, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise _invalid(file, f"corrupt safetensors file: {e}") from e
+        raise invalid(file, f"corrupt safetensors file: {e}") from e
 
 
 def _load_pickle(file: Path, kind: str) -> object:
@@ -276,7 +257,7 @@ def _load_pickle(file: Path, kind: str) -> object:
             f"{torch.__version__}); upgrade torch or use a .safetensors version of this file",
         )
     if kind == "zip" and not zipfile.is_zipfile(file):
-        raise _invalid(file, "truncated or corrupt zip archive")
+        raise invalid(file, "truncated or corrupt zip archive")
     try:
         # A file object, not a path: torch.load routes "*.safetensors" paths by suffix.
         with file.open("rb") as f, warnings.catch_warnings():
@@ -285,16 +266,16 @@ def _load_pickle(file: Path, kind: str) -> object:
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if kind == "unknown":
-            raise _invalid(file, unknown_format_reason(file)) from None
+            raise invalid(file, unknown_format_reason(file)) from None
         # `from None`: torch's own message advises weights_only=False, which is the unsafe path.
         raise _refused(file, str(e)) from None
     except MemoryError:
         raise
     except Exception as e:  # torch reports corruption through many unrelated exception types
         if kind == "unknown":
-            raise _invalid(file, unknown_format_reason(file)) from e
+            raise invalid(file, unknown_format_reason(file)) from e
         what = "PyTorch zip checkpoint" if kind == "zip" else "pickle"
-        raise _invalid(file, f"truncated or corrupt {what}: {type(e).__name__}: {e}") from e
+        raise invalid(file, f"truncated or corrupt {what}: {type(e).__name__}: {e}") from e
 
 
 def _refused(file: Path, torch_message: str) -> CheckpointError:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError
 
-MAX_HEADER = 100 * 2**20  # larger is not a safetensors header (the loader will say so)
+MAX_HEADER = 100_000_000  # bytes: safetensors itself rejects larger headers
 
 # Strong signatures, in the order they are tried: (kind, test on the set of key names).
 SIGNATURES = (
@@ -93,28 +92,47 @@ def unknown_format_reason(path: Path) -> str:
     return reason
 
 
+def invalid(path: str | os.PathLike, reason: str) -> CheckpointError:
+    return CheckpointError(path, f"not a valid checkpoint ({reason})")
+
+
 def check_format(path: Path) -> None:
     """A weight file must look like one (its loader checks the rest, safely)."""
     fmt = sniff_format(path)
     if fmt == "unknown":
-        raise CheckpointError(path, f"not a valid checkpoint ({unknown_format_reason(path)})")
+        raise invalid(path, unknown_format_reason(path))
     if fmt == "zip" and not zipfile.is_zipfile(path):
-        raise CheckpointError(path, "not a valid checkpoint (truncated or corrupt zip archive)")
-    if fmt == "safetensors" and safetensors_keys(path) is None:
-        raise CheckpointError(path, "not a valid checkpoint (truncated or corrupt safetensors)")
+        raise invalid(path, "truncated or corrupt zip archive")
+    if fmt == "safetensors":
+        read_safetensors_header(path)
+
+
+def read_safetensors_header(path: Path) -> dict[str, object]:
+    """A safetensors file's JSON header, checked to be one (a clear message if truncated)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > min(size - 8, MAX_HEADER):
+            raise invalid(
+                path,
+                f"truncated or corrupt safetensors file: header claims {header_len} bytes, "
+                f"file has {size} bytes",
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise invalid(path, f"corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise invalid(path, "corrupt safetensors header: not a JSON object")
+    return header
 
 
 def safetensors_keys(path: str | os.PathLike) -> frozenset[str] | None:
     """The tensor names in a safetensors file's header; None if it is not one."""
     try:
-        with open(path, "rb") as f:
-            size = struct.unpack("<Q", f.read(8))[0]
-            if not 2 <= size <= MAX_HEADER:
-                return None
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict):
+        header = read_safetensors_header(Path(path))
+    except (CheckpointError, OSError):
         return None
     return frozenset(k for k in header if k != "__metadata__")
 
