@@ -15,10 +15,12 @@ from ..checkpoints.base import save_diffusers_folder
 from ..checkpoints.detect import describe
 from ..checkpoints.hub import KINDS, aliases
 from ..checkpoints.motion import read_motion_checkpoint, save_motion_module
+from ..options import ModelOptions
 from ..training import load_config, train
 from ..training.encode import encode_dataset
 from ..world import evaluate
-from .flags import UsageError, printable
+from .flags import UsageError, flag_of, printable
+from .generate import KINDS as MODEL_KINDS
 from .render import device
 
 ORIGINAL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -72,14 +74,11 @@ def models(args: argparse.Namespace) -> None:
     print("\nHub names (downloaded once into the Hugging Face cache; --offline: the cache only):")
     _print_rows(
         [
-            (f"{FLAGS.get(kind, '--' + kind.replace('_', '-'))} {name}", KINDS[kind], spec)
-            for kind in KINDS
+            (f"{flag_of(field, (ModelOptions,))} {name}", KINDS[kind], spec)
+            for field, kind in MODEL_KINDS.items()
             for name, spec in aliases(kind).items()
         ]
     )
-
-
-FLAGS = {"base": "--base", "ip_adapter": "--ip-adapter", "image_encoder": "--image-encoder"}
 
 
 def _builtin_rows(entries: dict) -> list[tuple[str, ...]]:
