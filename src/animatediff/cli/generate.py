@@ -141,9 +141,7 @@ def _prompt(args) -> str | dict:
                     f"--prompt-map {args.prompt_map}: the prompt of frame {key!r} is not text"
                 )
         return data
-    if not args.prompt.strip():
-        raise UsageError("the prompt is empty")
-    return args.prompt
+    return args.prompt  # (an empty prompt: checks.check_texts, as for configs and maps)
 
 
 def _builtin_names(run: Run) -> Run:
