@@ -16,7 +16,7 @@ from ..checkpoints.detect import describe
 from ..checkpoints.hub import KINDS, aliases
 from ..checkpoints.motion import read_motion_checkpoint, save_motion_module
 from ..options import ModelOptions
-from ..training import load_config, train
+from ..training import train
 from ..training.encode import encode_dataset
 from ..world import evaluate
 from .flags import UsageError, flag_of, printable
@@ -120,10 +120,10 @@ def train_command(args: argparse.Namespace) -> None:
     if args.encode:
         if Path(args.encode).exists() and not Path(args.encode).is_dir():
             raise UsageError(f"--encode: {args.encode} is a file, not a folder")
-        count = encode_dataset(load_config(args.config), args.encode, device=device("auto"))
+        count = encode_dataset(args.training, args.encode, device=device("auto"))
         print(f"encoded {count} clips into {args.encode}")
         return
-    for path in train(args.config, resume=args.resume, overwrite=args.overwrite):
+    for path in train(args.training, resume=args.resume, overwrite=args.overwrite):
         print(f"saved {path}")
 
 

@@ -144,9 +144,9 @@ def prepare(args: argparse.Namespace):
             raise UsageError(f"{output} already exists; pass --overwrite to replace it")
         check_writable(output.parent, "output")
     if args.command == "train":  # the whole config, and where it writes, before torch loads
-        config = load_config(args.config)
+        args.training = load_config(args.config)  # read once: the heavy half trains this
         if not args.encode:
-            check_output_dir(Path(config.output_dir), args.resume, args.overwrite)
+            check_output_dir(Path(args.training.output_dir), args.resume, args.overwrite)
     return args
 
 
