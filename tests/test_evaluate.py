@@ -38,7 +38,7 @@ from animatediff.world.metrics import (
     frame_alignment,
     watermark_rate,
 )
-from animatediff.world.report import format_table, save_results
+from animatediff.world.report import format_table, save_results, target_checks
 from animatediff.world.scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES
 from animatediff.world.styles import SIZES
 
@@ -272,7 +272,33 @@ def test_save_results_is_atomic_json_and_format_table_prints_every_section(tmp_p
         "| zoom-r2 | extra | zoom-in | 2 | 10 | 1.800 | 1.000 | 0.000 | – | 1.000 | 0.000 | yes |"
         in table
     )
-    assert sum(line.startswith("|---|") for line in table.splitlines()) == 3
+    assert sum(line.startswith("|---|") for line in table.splitlines()) == 4
+    assert "| all three (text) | 0.500 | 0.500 | met |" in table
+    assert "| shape | – | 0.600 | not measured |" in table
+    assert "| zoom-in seeds in direction (of 8) | – | 7 | not measured |" in table
+
+
+def test_target_checks_say_by_how_much_a_target_is_missed():
+    def main(**values) -> dict:
+        return {"status": "ok", **values}
+
+    results = {
+        "main": main(shape_alignment=0.45, temporal_consistency=0.6, background_stability=0.95),
+        "baselines": {"frame_by_frame": {"base": main(temporal_consistency=0.7)}},
+        "adapter": {"1.0": main(watermark_rate=0.5), "0.0": main(watermark_rate=0.05)},
+        "motion_loras": {
+            "zoom-in": main(seeds_in_direction=8, strength={"1.0": {}, "0.0": {}}),
+            "pan-left": {"status": SKIPPED},
+        },
+    }
+    checks = {name: (value, met) for name, value, _, met in target_checks(results)}
+    assert checks["shape"] == (0.45, False) and checks["colour"] == (None, False)
+    assert checks["frames on their clip's majority background"] == (0.95, True)
+    assert checks["consistency above frame by frame"] == (pytest.approx(-0.1), False)
+    assert checks["watermarks removed by adapter scale 0"] == (pytest.approx(0.9), True)
+    assert checks["zoom-in seeds in direction (of 8)"] == (8, True)
+    assert checks["pan-left seeds in direction (of 8)"] == (None, False)
+    assert "| shape | 0.450 | 0.600 | missed by 0.150 |" in format_table(results)
 
 
 # --- end to end -----------------------------------------------------------------------------

@@ -12,6 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from animatediff.checkpoints.fewstep import Release, release_metadata
+from animatediff.checkpoints.io import load_state_dict
+from animatediff.checkpoints.io import save_state_dict as save_tensors
 from animatediff.world import (
     CAMERA_KINDS,
     KINDS,
@@ -48,7 +51,7 @@ from animatediff.world.datasets import motion_clips, write_images, write_videos
 from animatediff.world.detect import alignment_checks, displacement, object_mask
 from animatediff.world.domain import blur, watermark
 from animatediff.world.motion import DISTANCE, GROWTH, PAN, ZOOM
-from animatediff.world.pack import _carry_students
+from animatediff.world.pack import _carry_students, add_student
 from animatediff.world.scene import OBJECT_COLOURS, SHAPES
 
 SIZE = 64
@@ -458,6 +461,35 @@ def test_pack_keeps_a_student_of_the_packed_teacher_only(tmp_path):
         _carry_students(target, tmp, manifest)
         assert ("s" in manifest.get("motion_modules", {})) == kept
         assert (tmp / entry["file"]).exists() == kept
+
+
+def test_a_distilled_student_ships_with_its_teacher_hash_and_lora(tmp_path):
+    """`build --student NAME=RUN` ships a distill run's module (and image-layer LoRA) in fp16
+    under NAME, with the packed teacher's hash; a repack keeps both files while the teacher is
+    unchanged; a module without release steps is refused."""
+    target, run = tmp_path / "data", tmp_path / "run"
+    target.mkdir()
+    run.mkdir()
+    teacher = save_tensors({"w": torch.ones(2)}, target / "motion_module.safetensors")
+    (target / "manifest.json").write_text(json.dumps({"personal": {}, "motion_loras": {}}))
+    meta = release_metadata(Release("distilled 4-step", "animatelcm", 4))
+    save_tensors({"m": torch.randn(3, 2)}, run / "motion_module.safetensors", metadata=meta)
+    save_tensors({"l": torch.randn(2, 2)}, run / "distill_lora.safetensors")
+    entry = add_student("s4", run, target)
+    shipped = json.loads((target / "manifest.json").read_text())["motion_modules"]["s4"]
+    assert shipped == entry and entry["steps"] == 4
+    assert entry["teacher_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert load_state_dict(target / entry["file"])["m"].dtype == torch.float16
+    assert load_state_dict(target / entry["adapter"])["l"].dtype == torch.float16
+    tmp = tmp_path / "repack"
+    tmp.mkdir()
+    (tmp / "motion_module.safetensors").write_bytes(teacher.read_bytes())
+    manifest: dict = {}
+    _carry_students(target, tmp, manifest)
+    assert manifest["motion_modules"]["s4"] == entry and (tmp / entry["adapter"]).exists()
+    save_tensors({"m": torch.randn(3, 2)}, run / "motion_module.safetensors", overwrite=True)
+    with pytest.raises(ValueError, match="not a distilled motion module"):
+        add_student("plain", run, target)
 
 
 def test_build_cache_mirrors_the_latest_checkpoint_only(tmp_path):

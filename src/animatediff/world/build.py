@@ -30,7 +30,7 @@ from ..training import parse_config, train
 from ..training.encode import encode_dataset
 from ..video import read_video
 from .datasets import write_images, write_videos
-from .pack import pack
+from .pack import add_student, pack
 from .recipe import (
     DATA,
     DATA_VERSION,
@@ -281,6 +281,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", type=Path, help="carry results and checkpoints through this folder")
     p.add_argument("--sync-cache", action="store_true", help="only mirror WORKDIR into --cache")
     p.add_argument("--pack", action="store_true", help="copy the results into the package")
+    p.add_argument(
+        "--student",
+        type=_student,
+        action="append",
+        default=[],
+        metavar="NAME=RUN",
+        help="then ship the few-step student a `distill` run made in folder RUN as NAME",
+    )
     args = p.parse_args(argv)
     if args.sync_cache:
         if args.cache is None:
@@ -290,6 +298,15 @@ def main(argv: list[str] | None = None) -> None:
     build(args.workdir, tuple(args.only), args.cache)
     if args.pack:
         pack(args.workdir)
+    for name, run in args.student:
+        print(f"shipped {name}: {add_student(name, run)}")
+
+
+def _student(text: str) -> tuple[str, Path]:
+    name, _, run = text.partition("=")
+    if not name or not run:
+        raise argparse.ArgumentTypeError(f"expected NAME=RUN, got {text!r}")
+    return name, Path(run)
 
 
 if __name__ == "__main__":

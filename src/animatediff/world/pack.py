@@ -18,9 +18,12 @@ from transformers import CLIPTextModel
 from ..builtin import PACKAGE_DATA
 from ..checkpoints.base import load_base
 from ..checkpoints.export import kohya_from_official, save_single_file
+from ..checkpoints.fewstep import release_from_metadata
 from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict
 from .recipe import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
 from .styles import STYLES
+
+DISTILL = "consistency distillation, docs/distill/distill.yaml"
 
 
 def _half(src: Path, dst: Path) -> None:
@@ -90,6 +93,33 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
     return target
 
 
+def add_student(name: str, run: Path, target: Path = PACKAGE_DATA, method: str = DISTILL) -> dict:
+    """Ship a few-step student (a `distill` run's output folder `run`) under `name`, in fp16,
+    its image-layer LoRA beside it when the run made one; its manifest entry records the packed
+    motion module it was distilled from (by sha256), so that a later repack keeps it only while
+    that teacher ships."""
+    module = run / "motion_module.safetensors"
+    release = release_from_metadata(read_metadata(module))
+    if release is None or not release.steps:
+        raise ValueError(f"{module}: not a distilled motion module (no release steps)")
+    entry = {"file": f"motion_modules/{name}.safetensors", "steps": release.steps}
+    (target / "motion_modules").mkdir(exist_ok=True)
+    _half(module, target / entry["file"])
+    if (run / "distill_lora.safetensors").exists():
+        entry["adapter"] = f"motion_modules/{name}-lora.safetensors"
+        _half(run / "distill_lora.safetensors", target / entry["adapter"])
+    teacher = target / "motion_module.safetensors"
+    entry.update(
+        teacher=teacher.name,
+        teacher_sha256=hashlib.sha256(teacher.read_bytes()).hexdigest(),
+        method=method,
+    )
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest.setdefault("motion_modules", {})[name] = entry
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return entry
+
+
 def _carry_students(target: Path, tmp: Path, manifest: dict) -> None:
     """Keep the shipped few-step students (docs/distill/) whose teacher is still the packed
     motion module; a student of another teacher is dropped, saying so (distil it again)."""
@@ -100,6 +130,8 @@ def _carry_students(target: Path, tmp: Path, manifest: dict) -> None:
         if entry.get("teacher_sha256") != teacher:
             print(f"dropped {name}: distilled from another motion module; distil it again")
             continue
-        (tmp / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(target / entry["file"], tmp / entry["file"])
+        for file in (entry["file"], entry.get("adapter")):
+            if file is not None:
+                (tmp / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(target / file, tmp / file)
         manifest.setdefault("motion_modules", {})[name] = entry
