@@ -6,7 +6,6 @@ its image-layer LoRA, as the adapter, when it has one), `animatediff models` lis
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from clirun import assert_ok, assert_usage_error, cli, cli_environment
 from animatediff import builtin
 from animatediff.builtin.model import builtin_model
 from animatediff.checkpoints.detect import describe
+from animatediff.checkpoints.io import tensors_sha256
 
 NAME = "builtin-4step"
 
@@ -53,8 +53,8 @@ def test_its_teacher_is_the_shipped_motion_module():
     entry = builtin.manifest()["motion_modules"][NAME]
     teacher = builtin.PACKAGE_DATA / entry["teacher"]
     assert teacher == builtin_model().motion_module
-    digest = hashlib.sha256(teacher.read_bytes()).hexdigest()
-    assert digest == entry["teacher_sha256"], "the built-in motion module changed: distil again"
+    digest = tensors_sha256(teacher)
+    assert digest == entry["teacher_tensors_sha256"], "the motion module changed: distil again"
 
 
 @pytest.fixture

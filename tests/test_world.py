@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import replace
@@ -13,7 +12,7 @@ import torch
 from PIL import Image
 
 from animatediff.checkpoints.fewstep import Release, release_metadata
-from animatediff.checkpoints.io import load_state_dict
+from animatediff.checkpoints.io import load_state_dict, tensors_sha256
 from animatediff.checkpoints.io import save_state_dict as save_tensors
 from animatediff.world import (
     CAMERA_KINDS,
@@ -446,17 +445,21 @@ def test_probe_ratio_is_one_exactly_when_the_unet_ignores_the_text(tmp_path):
 
 def test_pack_keeps_a_student_of_the_packed_teacher_only(tmp_path):
     """A repack carries the shipped few-step student over while its teacher is the packed motion
-    module, and drops it (it would sample wrongly) when the motion module changed."""
+    module (the same tensors, however the file's header is ordered), and drops it (it would
+    sample wrongly) when the motion module changed."""
     target = tmp_path / "data"
     (target / "motion_modules").mkdir(parents=True)
     (target / "motion_modules" / "s.safetensors").write_bytes(b"student")
     entry = {"file": "motion_modules/s.safetensors", "steps": 4}
-    for teacher, kept in ((b"teacher", True), (b"another teacher", False)):
+    weights = {"a": torch.ones(2), "b": torch.zeros(3)}
+    teacher = save_tensors(weights, tmp_path / "teacher.safetensors", metadata={"x": "1", "y": "2"})
+    entry["teacher_tensors_sha256"] = tensors_sha256(teacher)
+    (target / "manifest.json").write_text(json.dumps({"motion_modules": {"s": entry}}))
+    reordered = {"b": torch.zeros(3), "a": torch.ones(2)}
+    for packed, kept in ((reordered, True), ({**weights, "a": torch.full((2,), 2.0)}, False)):
         tmp = tmp_path / f"new-{kept}"
         tmp.mkdir()
-        (tmp / "motion_module.safetensors").write_bytes(b"teacher")
-        entry["teacher_sha256"] = hashlib.sha256(teacher).hexdigest()
-        (target / "manifest.json").write_text(json.dumps({"motion_modules": {"s": entry}}))
+        save_tensors(packed, tmp / "motion_module.safetensors", metadata={"y": "2", "x": "1"})
         manifest: dict = {"personal": {}, "motion_loras": {}}
         _carry_students(target, tmp, manifest)
         assert ("s" in manifest.get("motion_modules", {})) == kept
@@ -478,7 +481,7 @@ def test_a_distilled_student_ships_with_its_teacher_hash_and_lora(tmp_path):
     entry = add_student("s4", run, target)
     shipped = json.loads((target / "manifest.json").read_text())["motion_modules"]["s4"]
     assert shipped == entry and entry["steps"] == 4
-    assert entry["teacher_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert entry["teacher_tensors_sha256"] == tensors_sha256(teacher)
     assert load_state_dict(target / entry["file"])["m"].dtype == torch.float16
     assert load_state_dict(target / entry["adapter"])["l"].dtype == torch.float16
     tmp = tmp_path / "repack"

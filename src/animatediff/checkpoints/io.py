@@ -9,6 +9,7 @@ failure is a :class:`CheckpointError` whose message starts with the offending fi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -138,6 +139,18 @@ def read_metadata(path: StrPath) -> dict[str, str]:
     if not isinstance(meta, dict):
         raise invalid(file, "corrupt safetensors header: __metadata__ is not a mapping")
     return {str(k): str(v) for k, v in meta.items()}
+
+
+def tensors_sha256(path: StrPath) -> str:
+    """A digest of a checkpoint's tensors (names, dtypes, shapes and values, in name order),
+    not of its bytes: safetensors writes its header's keys in no fixed order, so the same
+    weights saved twice may differ byte for byte."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_state_dict(path).items()):
+        tensor = tensor.contiguous()
+        digest.update(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def unwrap_state_dict(obj: object, path: StrPath) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ MotionLoRAs in the official MotionLoRA layout; `manifest.json` names them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from ..builtin import PACKAGE_DATA
 from ..checkpoints.base import load_base
 from ..checkpoints.export import kohya_from_official, save_single_file
 from ..checkpoints.fewstep import release_from_metadata
-from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict
+from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict, tensors_sha256
 from .recipe import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
 from .styles import STYLES
 
@@ -96,8 +95,8 @@ def pack(work: Path, target: Path = PACKAGE_DATA) -> Path:
 def add_student(name: str, run: Path, target: Path = PACKAGE_DATA, method: str = DISTILL) -> dict:
     """Ship a few-step student (a `distill` run's output folder `run`) under `name`, in fp16,
     its image-layer LoRA beside it when the run made one; its manifest entry records the packed
-    motion module it was distilled from (by sha256), so that a later repack keeps it only while
-    that teacher ships."""
+    motion module it was distilled from (by `tensors_sha256`), so that a later repack keeps it
+    only while that teacher ships."""
     module = run / "motion_module.safetensors"
     release = release_from_metadata(read_metadata(module))
     if release is None or not release.steps:
@@ -111,7 +110,7 @@ def add_student(name: str, run: Path, target: Path = PACKAGE_DATA, method: str =
     teacher = target / "motion_module.safetensors"
     entry.update(
         teacher=teacher.name,
-        teacher_sha256=hashlib.sha256(teacher.read_bytes()).hexdigest(),
+        teacher_tensors_sha256=tensors_sha256(teacher),
         method=method,
     )
     manifest = json.loads((target / "manifest.json").read_text())
@@ -125,9 +124,9 @@ def _carry_students(target: Path, tmp: Path, manifest: dict) -> None:
     motion module; a student of another teacher is dropped, saying so (distil it again)."""
     old = target / "manifest.json"
     students = json.loads(old.read_text()).get("motion_modules", {}) if old.exists() else {}
-    teacher = hashlib.sha256((tmp / "motion_module.safetensors").read_bytes()).hexdigest()
+    teacher = tensors_sha256(tmp / "motion_module.safetensors")
     for name, entry in students.items():
-        if entry.get("teacher_sha256") != teacher:
+        if entry.get("teacher_tensors_sha256") != teacher:
             print(f"dropped {name}: distilled from another motion module; distil it again")
             continue
         for file in (entry["file"], entry.get("adapter")):

@@ -33,7 +33,7 @@ def command(name: str, folder: Path) -> list[str]:
     """The `animatediff generate` command line of sample ``name``."""
     prompt, extra = SAMPLES[name]
     out = folder / f"{name}.gif"
-    return ["animatediff", "generate", prompt, *extra, "--seed", "0", "-o", str(out)]
+    return ["animatediff", "generate", prompt, *extra, "--seed", "0", "-o", str(out), "--overwrite"]
 
 
 def main(argv: list[str] | None = None) -> None:
