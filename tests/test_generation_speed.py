@@ -237,17 +237,19 @@ def test_guidance_on_a_subset_of_steps(pipe):
 
 
 def test_deepcache_runs_the_deep_blocks_every_n_steps(pipe):
+    """At the CLI's 25 steps (DeepCache is an approximation for many steps: at a handful,
+    the cached deep features are too stale on the built-in model)."""
     calls = []
     deep = pipe.unet.unet.mid_block.resnets[0]
     hook = deep.register_forward_hook(lambda *a: calls.append(1))
     try:
-        exact = run(pipe, steps=6)
-        assert torch.equal(run(pipe, steps=6, deepcache_interval=1), exact)
+        exact = run(pipe, steps=25)
+        assert torch.equal(run(pipe, steps=25, deepcache_interval=1), exact)
         calls.clear()
-        cached = run(pipe, steps=6, deepcache_interval=3)
+        cached = run(pipe, steps=25, deepcache_interval=3)
     finally:
         hook.remove()
-    assert len(calls) == 2  # full passes at steps 0 and 3, the shallow branch between
+    assert len(calls) == 9  # full passes at steps 0, 3, ..., 24; the shallow branch between
     assert 0 < (cached - exact).abs().mean() < 0.2
 
 

@@ -32,13 +32,20 @@ def test_default_size_and_layout(pipe):
 
 
 def test_seed_draws_official_noise_layout(pipe):
-    """A seed means: one randn of shape (b, 4, f, h/8, w/8) from a generator seeded with it."""
-    noise = torch.randn((1, 4, 6, 16, 16), generator=torch.Generator().manual_seed(7))
-    a = pipe(PROMPT, seed=7, **FAST).frames
+    """A seed means: one randn of shape (b, 4, f, h/8, w/8) from a generator seeded with it;
+    with a mixed noise prior (`shared_noise`, the built-in module's default), one frame of
+    common noise drawn after it from the same generator, mixed in."""
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn((1, 4, 6, 16, 16), generator=g)
+    a = pipe(PROMPT, seed=7, shared_noise=0.0, **FAST).frames
     b = pipe(PROMPT, latents=noise, **FAST).frames
-    c = pipe(PROMPT, seed=8, **FAST).frames
+    c = pipe(PROMPT, seed=8, shared_noise=0.0, **FAST).frames
     assert torch.equal(a, b)
     assert (a - c).abs().mean() > 0.01  # another seed, another video
+    common = torch.randn((1, 4, 1, 16, 16), generator=g)
+    mixed = 0.5**0.5 * common + (1 - 0.5) ** 0.5 * noise
+    prior = pipe(PROMPT, seed=7, shared_noise=0.5, **FAST).frames
+    assert torch.equal(prior, pipe(PROMPT, latents=mixed, **FAST).frames)
 
 
 def test_batch_equals_separate_runs(pipe):
