@@ -282,12 +282,13 @@ def test_target_checks_say_by_how_much_a_target_is_missed():
     def main(**values) -> dict:
         return {"status": "ok", **values}
 
+    moved = {"area_ratio": 1.2, "dx": 0.0, "motion_alignment": 1.0}
     results = {
         "main": main(shape_alignment=0.45, temporal_consistency=0.6, background_stability=0.95),
         "baselines": {"frame_by_frame": {"base": main(temporal_consistency=0.7)}},
         "adapter": {"1.0": main(watermark_rate=0.5), "0.0": main(watermark_rate=0.05)},
         "motion_loras": {
-            "zoom-in": main(seeds_in_direction=8, strength={"1.0": {}, "0.0": {}}),
+            "zoom-in": main(seeds_in_direction=8, strength={"1.0": moved, "0.0": moved}),
             "pan-left": {"status": SKIPPED},
         },
     }

@@ -45,6 +45,7 @@ from animatediff.world import (
     watermark_score,
     web_video,
 )
+from animatediff.world.build import main as build_main
 from animatediff.world.build import restore_cache, save_cache
 from animatediff.world.datasets import motion_clips, write_images, write_videos
 from animatediff.world.detect import alignment_checks, displacement, object_mask
@@ -493,6 +494,10 @@ def test_a_distilled_student_ships_with_its_teacher_hash_and_lora(tmp_path):
     save_tensors({"m": torch.randn(3, 2)}, run / "motion_module.safetensors", overwrite=True)
     with pytest.raises(ValueError, match="not a distilled motion module"):
         add_student("plain", run, target)
+    # `build --student` refuses a folder without a module before it builds anything
+    with pytest.raises(SystemExit) as stopped:
+        build_main([str(tmp_path / "work"), "--student", f"s={tmp_path / 'nowhere'}"])
+    assert stopped.value.code == 2 and not (tmp_path / "work").exists()
 
 
 def test_build_cache_mirrors_the_latest_checkpoint_only(tmp_path):

@@ -303,9 +303,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _student(text: str) -> tuple[str, Path]:
+    """NAME=RUN, checked before the build runs: RUN holds a distill run's motion module."""
     name, _, run = text.partition("=")
     if not name or not run:
         raise argparse.ArgumentTypeError(f"expected NAME=RUN, got {text!r}")
+    if not (Path(run) / "motion_module.safetensors").is_file():
+        raise argparse.ArgumentTypeError(f"{run}: no motion_module.safetensors (a distill run?)")
     return name, Path(run)
 
 

@@ -20,6 +20,7 @@ from ..checkpoints.export import kohya_from_official, save_single_file
 from ..checkpoints.fewstep import release_from_metadata
 from ..checkpoints.io import load_state_dict, read_metadata, save_state_dict, tensors_sha256
 from .recipe import DATA, LORA_STUDIES, MOTION_LORAS, MOTION_RUN, STYLE_LORA
+from .report import save_results
 from .styles import STYLES
 
 DISTILL = "consistency distillation, docs/distill/distill.yaml"
@@ -115,7 +116,7 @@ def add_student(name: str, run: Path, target: Path = PACKAGE_DATA, method: str =
     )
     manifest = json.loads((target / "manifest.json").read_text())
     manifest.setdefault("motion_modules", {})[name] = entry
-    (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    save_results(manifest, target / "manifest.json")  # last, and atomically
     return entry
 
 

@@ -83,26 +83,6 @@ MOTION_LORA_HEADER = (
 )
 
 
-# What the built-in model is built to reach (issue 18), each read from the results:
-# (what, the value, at least this).
-TARGETS: tuple[tuple[str, Callable[[Mapping], float | None], float], ...] = (
-    ("shape", lambda r: _main(r, "shape_alignment"), 0.6),
-    ("colour", lambda r: _main(r, "colour_alignment"), 0.9),
-    ("background", lambda r: _main(r, "background_alignment"), 0.9),
-    ("all three (text)", lambda r: _main(r, "text_alignment"), 0.5),
-    (
-        "frames on their clip's majority background",
-        lambda r: _main(r, "background_stability"),
-        0.95,
-    ),
-    ("temporal consistency", lambda r: _main(r, "temporal_consistency"), 0.5),
-    ("consistency above frame by frame", lambda r: _consistency_gain(r), 1e-9),
-    ("watermarks removed by adapter scale 0", lambda r: _watermarks_removed(r), 0.8),
-    ("zoom-in seeds in direction (of 8)", lambda r: _seeds_in_direction(r, "zoom-in"), 7),
-    ("pan-left seeds in direction (of 8)", lambda r: _seeds_in_direction(r, "pan-left"), 7),
-)
-
-
 def _ok(row: Mapping | None) -> Mapping:
     return row if row is not None and row.get("status", "ok") == "ok" else {}
 
@@ -126,6 +106,26 @@ def _watermarks_removed(results: Mapping) -> float | None:
 
 def _seeds_in_direction(results: Mapping, name: str) -> float | None:
     return _ok(results.get("motion_loras", {}).get(name)).get("seeds_in_direction")
+
+
+# What the built-in model is built to reach (issue 18), each read from the results:
+# (what, the value, at least this).
+TARGETS: tuple[tuple[str, Callable[[Mapping], float | None], float], ...] = (
+    ("shape", lambda r: _main(r, "shape_alignment"), 0.6),
+    ("colour", lambda r: _main(r, "colour_alignment"), 0.9),
+    ("background", lambda r: _main(r, "background_alignment"), 0.9),
+    ("all three (text)", lambda r: _main(r, "text_alignment"), 0.5),
+    (
+        "frames on their clip's majority background",
+        lambda r: _main(r, "background_stability"),
+        0.95,
+    ),
+    ("temporal consistency", lambda r: _main(r, "temporal_consistency"), 0.5),
+    ("consistency above frame by frame", _consistency_gain, 1e-9),
+    ("watermarks removed by adapter scale 0", _watermarks_removed, 0.8),
+    ("zoom-in seeds in direction (of 8)", lambda r: _seeds_in_direction(r, "zoom-in"), 7),
+    ("pan-left seeds in direction (of 8)", lambda r: _seeds_in_direction(r, "pan-left"), 7),
+)
 
 
 def target_checks(results: Mapping) -> list[tuple[str, float | None, float, bool]]:
@@ -217,12 +217,12 @@ def _motion_lora_table(motion_loras: Mapping) -> list[str]:
         rows.append(
             [
                 *head,
-                on.get("area_ratio"),
-                off.get("area_ratio"),
-                on.get("dx"),
-                off.get("dx"),
-                on.get("motion_alignment"),
-                off.get("motion_alignment"),
+                on["area_ratio"],
+                off["area_ratio"],
+                on["dx"],
+                off["dx"],
+                on["motion_alignment"],
+                off["motion_alignment"],
                 row.get("effect"),
                 f"{row.get('seeds_in_direction')} of {len(row.get('effect_by_seed', {}))}",
             ]
